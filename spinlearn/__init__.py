@@ -1,0 +1,13 @@
+"""spinlearn: learn rotations for LLM quantization and fold them into the weights."""
+
+__version__ = "0.1.0"
+
+
+def rotate(model, layout="transformer_universal", *, mode=None, seed=0, verify=True):
+    """Fold data-free R1/R2 rotations into ``model`` in place; returns (model, matrices). See pipeline.rotate."""
+    from .pipeline import rotate as _rotate
+
+    return _rotate(model, layout, mode=mode, seed=seed, verify=verify)
+
+
+__all__ = ["rotate", "__version__"]

@@ -1,0 +1,200 @@
+"""The ``spinlearn`` command: rotate, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ConnectionError)
+
+
+def _cmd_rotate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .export import atomic_output_dir, check_output_dir, save_model_dir, save_rotations
+    from .layout import load_layout
+    from .modeling import check_model_path, load_causal_lm, parse_dtype
+    from .pipeline import rotate
+
+    # Cheap checks first: nothing is loaded or written if these fail.
+    check_output_dir(args.output, args.overwrite)
+    check_model_path(args.model)
+    layout = load_layout(args.layout)
+    parse_dtype(args.dtype)
+
+    t0 = time.perf_counter()
+    model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    t_load = time.perf_counter() - t0
+    torch.manual_seed(args.seed)
+    model, matrices = rotate(model, layout, mode=args.mode, seed=args.seed, verify=not args.no_verify)
+    t_rot = time.perf_counter() - t0 - t_load
+    with atomic_output_dir(args.output, args.overwrite) as tmp:
+        save_model_dir(model, tmp, tokenizer_source=args.model)
+        save_rotations(matrices, tmp / "rotations.safetensors", {"layout": layout.name, "seed": args.seed,
+                                                                  "mode": args.mode or "layout"})
+        resolved = layout.to_dict()
+        if args.mode:
+            for spec in resolved["rotation_matrices"].values():
+                spec["mode"] = args.mode
+        from omegaconf import OmegaConf
+
+        # seed/mode as a comment: the file must stay a valid layout (load_layout refuses unknown keys).
+        header = f"# written by spinlearn rotate --seed {args.seed} --mode {args.mode or 'layout'}\n"
+        (tmp / "layout.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    t_total = time.perf_counter() - t0
+    print(
+        f"rotated {type(model).__name__} with layout {layout.name!r} ({len(matrices)} matrices) -> {args.output} "
+        f"[load {t_load:.1f}s, rotate {t_rot:.1f}s, total {t_total:.1f}s]"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .train import run_training
+
+    run_training(load_recipe(args.config, args.overrides))
+
+
+def _check_bits(args: argparse.Namespace) -> None:
+    for flag in ("w_bits", "a_bits", "kv_bits", "lm_head_bits"):
+        b = getattr(args, flag)
+        if not 2 <= b <= 16:
+            raise ValueError(f"--{flag.replace('_', '-')} {b} is out of range: use 2..16 (16 = not quantized)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
+    from .evaluate import check_safetensors, evaluate_setting, learned_source
+    from .export import load_rotations
+    from .modeling import check_model_path, load_tokenizer, parse_dtype
+    from .quant import QuantSpec
+    from .wrappers import QuantSettings
+
+    # Cheap checks first: nothing is loaded if these fail.
+    _check_bits(args)
+    for flag in ("seqlen", "nsamples", "max_windows", "batch_size"):
+        v = getattr(args, flag)
+        if v is not None and v < (2 if flag == "seqlen" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} {v} is too small")
+    if args.w_method == "gptq" and not args.calib_data:
+        raise ValueError("--w-method gptq needs calibration data: pass --calib-data FILE (e.g. the train split)")
+    if args.rotations and args.rotation != "learned":
+        raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
+    parse_dtype(args.dtype)
+    check_model_path(args.model)
+    check_safetensors(args.model)
+    if args.rotation == "learned":
+        if args.rotations:
+            load_rotations(args.rotations)  # a missing or corrupt file is named here
+        learned_source(args.model, args.rotations)
+    quant = QuantSettings(
+        w=QuantSpec(bits=args.w_bits, sym=True, group_size=args.w_groupsize, mse_clip=args.w_clip),
+        a=QuantSpec(bits=args.a_bits, sym=False, clip_ratio=args.a_clip),
+        kv=QuantSpec(bits=args.kv_bits, sym=False),
+        lm_head=QuantSpec(bits=args.lm_head_bits, sym=True, group_size=args.w_groupsize, mse_clip=args.w_clip),
+    )
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    eval_ids = tokenize_concat(load_text(args.data, split="test", text_field=args.text_field), tokenizer)
+    windows = eval_windows(eval_ids, args.seqlen)[: args.max_windows]
+    calib = None
+    if args.calib_data:
+        calib_ids = tokenize_concat(load_text(args.calib_data, split="train", text_field=args.text_field), tokenizer)
+        calib = calibration_blocks(calib_ids, args.nsamples, args.seqlen, args.seed)
+    t0 = time.perf_counter()
+    result = evaluate_setting(
+        args.model, windows, rotation=args.rotation, quant=quant, w_method=args.w_method, calib_blocks=calib,
+        rotations_file=args.rotations, layout=args.layout, seed=args.seed, r3=args.r3, r4=args.r4,
+        dtype=args.dtype, batch_size=args.batch_size,
+    )
+    result["settings"].update(
+        data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
+        max_windows=args.max_windows, text_field=args.text_field, eval_tokens=int(eval_ids.numel()),
+    )
+    result["time_s"] = round(time.perf_counter() - t0, 2)
+    q = f"W{args.w_bits}A{args.a_bits}KV{args.kv_bits}"
+    print(
+        f"perplexity {result['ppl']:.4f}  ({q} {args.w_method}, rotation {args.rotation}, "
+        f"{windows.shape[0]} windows x {args.seqlen} tokens) [{result['time_s']:.1f}s]"
+    )
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinlearn", description="Learn and fold rotations for LLM quantization.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("rotate", help="fold data-free R1/R2 rotations into a Hugging Face model")
+    r.add_argument("--model", required=True, help="local Hugging Face model directory")
+    r.add_argument("--layout", default="transformer_universal", help="shipped layout name or a YAML path")
+    r.add_argument("--output", required=True, help="output directory (a plain HF model directory)")
+    r.add_argument("--mode", choices=["hadamard", "base_hadamard", "orthogonal"], default=None,
+                   help="override every matrix's mode (default: the layout's)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    r.add_argument("--trust-remote-code", action="store_true")
+    r.add_argument("--no-verify", action="store_true", help="skip the before/after logits check")
+    r.set_defaults(func=_cmd_rotate)
+
+    t = sub.add_parser("train", help="learn rotations from a recipe (same as launch/train_rotations.py, one process)")
+    t.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity of a model under a rotation and W/A/KV quantization setting")
+    e.add_argument("--model", required=True, help="local Hugging Face model directory (plain, rotated or exported)")
+    e.add_argument("--data", required=True, help="evaluation text: .txt/.json/.jsonl/.parquet file or glob, or "
+                   "wikitext2 / c4 (test split)")
+    e.add_argument("--text-field", default=None, help="column holding the text in json/parquet files")
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (evaluation and calibration)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--w-bits", type=int, default=16, help="weight bits, 2..16 (16 = float)")
+    e.add_argument("--a-bits", type=int, default=16, help="activation bits (per token, asymmetric)")
+    e.add_argument("--kv-bits", type=int, default=16, help="K/V bits (per head, asymmetric)")
+    e.add_argument("--lm-head-bits", type=int, default=16, help="lm_head weight bits (RTN)")
+    e.add_argument("--w-groupsize", type=int, default=-1, help="weight group size (-1 = per output channel)")
+    e.add_argument("--w-clip", action="store_true", help="MSE clip search for weight scales")
+    e.add_argument("--a-clip", type=float, default=1.0, help="activation clip ratio (0 < r <= 1)")
+    e.add_argument("--w-method", choices=["rtn", "gptq"], default="rtn", help="weight quantizer")
+    e.add_argument("--rotation", choices=["none", "hadamard", "learned"], default="none",
+                   help="none: as is; hadamard: random Hadamard R1/R2 folded first; learned: an exported model "
+                   "(rotations.safetensors in its directory or parent) or --rotations FILE on the unrotated model")
+    e.add_argument("--rotations", default=None, help="rotations safetensors to fold into an unrotated --model")
+    e.add_argument("--layout", default="transformer_universal", help="layout for --rotation hadamard / --rotations")
+    e.add_argument("--r3", action="store_true", help="online Hadamard on queries/keys after RoPE")
+    e.add_argument("--r4", action="store_true", help="online Hadamard before down_proj (folded into its weight)")
+    e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
+    e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
+    e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")
+    e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--json", default=None, help="write the perplexity and every setting to this JSON file")
+    e.set_defaults(func=_cmd_eval)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"spinlearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Recipe schema: structured omegaconf dataclasses, loading with ``key=value`` overrides, validation.
+
+A recipe is a YAML file whose keys mirror the dataclasses below (defaults follow SpinQuant)::
+
+    cfg = load_recipe("recipes/llama3_8b_w4a4kv4.yaml", ["train.max_steps=5", "quant.a_bits=8"])
+    cfg.quant.w_bits, cfg.train.learning_rate      # attribute access, types enforced by omegaconf
+
+Unknown keys, missing required values and out-of-range settings fail with a :class:`RecipeError`
+(a ``ValueError``) that names the dotted key, where it came from and what would work. Paths are not
+checked for existence here: the data and model loaders do that when they open them.
+
+This module deliberately imports neither torch nor transformers at import time, so reading or
+checking a recipe stays fast (``training_arguments_kwargs`` imports torch lazily).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "RecipeError",
+    "ModelConfig",
+    "DataConfig",
+    "GPTQConfig",
+    "QuantConfig",
+    "RotationConfig",
+    "LossConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RecipeConfig",
+    "HUB_DATASETS",
+    "DATA_SUFFIXES",
+    "load_recipe",
+    "validate",
+    "recipe_to_yaml",
+    "training_arguments_kwargs",
+]
+
+# Accepted values of the enum-like string settings.
+DTYPES = ("float32", "bfloat16", "float16")
+ROTATION_INITS = ("hadamard", "base_hadamard", "orthogonal")
+ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
+WEIGHT_METHODS = ("rtn", "gptq")
+# transformers.SchedulerType values (checked against transformers in the tests; kept here so that
+# validating a recipe does not import transformers).
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)  # fmt: skip
+# Data sources: a hub shorthand, or a local file / glob with one of these suffixes.
+HUB_DATASETS = ("wikitext2", "c4")
+DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+BITS_RANGE = (2, 16)  # 16 means "not quantized"
+REQUIRED_KEYS = ("model.path", "data.train", "output_dir")
+_LAYOUT_DIR = Path(__file__).parent / "layouts"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown key, missing value or a value out of range."""
+
+
+# ----------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # hub id or local directory
+    dtype: str = "float32"  # weights' dtype while training: float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # wikitext2 | c4 | local .txt/.json/.jsonl/.parquet file or glob
+    eval: Optional[str] = None  # same forms; null = no evaluation
+    text_field: Optional[str] = None  # column holding the text in json/parquet files
+    seqlen: int = 2048
+    nsamples: int = 800  # calibration windows of `seqlen` tokens
+    eval_seqlen: Optional[int] = None  # null = seqlen
+    eval_max_windows: Optional[int] = None  # cap on evaluation windows; null = all
+    seed: int = 0
+
+
+@dataclass
+class GPTQConfig:
+    nsamples: int = 128
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    w_bits: Optional[int] = None  # null = quant.w_bits
+
+
+@dataclass
+class QuantConfig:
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    w_groupsize: int = -1  # -1 = per output channel
+    w_sym: bool = True
+    w_clip: bool = False  # MSE clip search for weights
+    a_sym: bool = False
+    a_clip: float = 1.0  # clip ratio for activations
+    a_groupsize: int = -1  # -1 = per token
+    kv_sym: bool = False
+    kv_groupsize: int = -1  # -1 = per head
+    lm_head_bits: int = 16
+    w_method: str = "rtn"  # final weight quantizer for evaluation/export: rtn | gptq
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+
+@dataclass
+class RotationConfig:
+    layout: str = "transformer_universal"  # shipped layout name or path to a layout YAML
+    init: str = "hadamard"  # hadamard | base_hadamard | orthogonal
+    r3: bool = False  # online Hadamard on queries/keys after RoPE
+    r4: bool = False  # online Hadamard before down_proj
+    optimizer: str = "cayley_sgd"  # cayley_sgd | riemannian_sgd | riemannian_adam
+    momentum: float = 0.9  # for cayley_sgd / riemannian_sgd
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    kl_weight: float = 0.0  # >0 adds KL(student || float teacher) * kl_weight
+    ce_weight: float = 1.0  # causal-LM cross-entropy of the quantized model
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1.5
+    max_steps: int = -1  # must be set > 0: training is step-based
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])  # ["none"] for no reporting
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: Optional[int] = 2
+    dataloader_num_workers: int = 0
+    run_name: Optional[str] = None
+    resume_from_checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    baselines: bool = True  # also evaluate float, no-rotation and random-Hadamard models
+    batch_size: int = 1
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = MISSING
+    overwrite_output_dir: bool = False
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RecipeConfig)
+
+
+def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        child = node._get_node(key)
+        out += _leaf_paths(child, path + ".") if isinstance(child, DictConfig) else [path]
+    return out
+
+
+def _unknown_key_error(path: str, siblings: list[str], schema: DictConfig, source: str) -> RecipeError:
+    parent, _, key = path.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    close = [prefix + k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)]
+    if not close:  # perhaps the key exists in another section (train.w_bits -> quant.w_bits)
+        leaves = _leaf_paths(schema)
+        close = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+        close = close or difflib.get_close_matches(path, leaves, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    where = f"'{parent}'" if parent else "the top level"
+    return RecipeError(
+        f"unknown recipe key '{path}' ({source}): {hint}valid keys under {where}: {', '.join(siblings)}"
+    )
+
+
+def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Refuse keys the schema does not have, naming the dotted path and the closest valid keys."""
+    if not isinstance(user, Mapping):
+        where = f"'{prefix[:-1]}'" if prefix else "a recipe"
+        raise RecipeError(f"{where} must be a mapping of keys to values ({source}), got {user!r}")
+    siblings = [str(k) for k in schema.keys()]
+    for key, value in user.items():
+        path = f"{prefix}{key}"
+        if str(key) not in siblings:
+            raise _unknown_key_error(path, siblings, _schema(), source)
+        child = schema._get_node(str(key))
+        if isinstance(child, DictConfig):
+            if isinstance(value, Mapping):
+                _check_keys(value, child, source, path + ".")
+            elif value is not None:
+                sub = ", ".join(f"{path}.{k}" for k in child.keys())
+                raise RecipeError(f"'{path}' is a section, not a value ({source}): set its keys ({sub})")
+        elif isinstance(value, Mapping):
+            raise RecipeError(f"'{path}' is a value, not a section ({source}): got {value!r}")
+
+
+def _normalise(user: DictConfig) -> None:
+    """Small conveniences before merging: `report_to: none` -> ["none"]."""
+    train = user.get("train")
+    if isinstance(train, DictConfig) and isinstance(train.get("report_to"), str):
+        train.report_to = [train.report_to]
+
+
+def _merge(base: DictConfig, user: DictConfig, source: str) -> DictConfig:
+    # Walk a plain copy: iterating a DictConfig would resolve ${...} interpolations too early.
+    _check_keys(OmegaConf.to_container(user, resolve=False), base, source)
+    _normalise(user)
+    try:
+        return OmegaConf.merge(base, user)
+    except OmegaConfBaseException as e:  # type errors: w_bits=four, model.path=null ...
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(getattr(e, "msg", e)).strip().splitlines()[0]
+        raise RecipeError(f"bad value for '{key}' ({source}): {msg}") from e
+
+
+def _parse_override(text: str) -> DictConfig:
+    key, eq, _ = text.partition("=")
+    if not eq or not key.strip():
+        raise RecipeError(f"override {text!r} must look like dotted.key=value, e.g. train.max_steps=100")
+    try:
+        return OmegaConf.from_dotlist([text])
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"cannot parse override {text!r}: {e}") from e
+
+
+def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Schema defaults <- recipe file (if any) <- ``dotted.key=value`` overrides, validated.
+
+    Returns a structured DictConfig (attribute access, types enforced, interpolations resolved).
+    Raises FileNotFoundError for a missing file and RecipeError for anything wrong in it.
+    """
+    if isinstance(overrides, str):  # a lone string would otherwise be split into characters
+        overrides = [overrides]
+    cfg = _schema()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {str(path)!r} (see recipes/ for shipped recipes)")
+        try:
+            user = OmegaConf.load(path)
+        except Exception as e:
+            raise RecipeError(f"cannot parse recipe {str(path)!r}: {e}") from e
+        if isinstance(user, ListConfig) or user is None:
+            raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections, got a {type(user).__name__}")
+        cfg = _merge(cfg, user, f"in {path}")
+    for text in overrides:
+        cfg = _merge(cfg, _parse_override(text), f"in override {text!r}")
+    return validate(cfg)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _check_required(cfg: DictConfig, errors: list[str]) -> None:
+    missing = OmegaConf.missing_keys(cfg)
+    for key in REQUIRED_KEYS:
+        value = None if key in missing else OmegaConf.select(cfg, key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            errors.append(f"{key}: missing required value; set it in the recipe or pass {key}=...")
+    for key in sorted(missing - set(REQUIRED_KEYS)):
+        errors.append(f"{key}: missing required value")
+
+
+def _data_source_ok(value: str) -> bool:
+    return value in HUB_DATASETS or value.lower().endswith(DATA_SUFFIXES)
+
+
+def _check_values(cfg: DictConfig, errors: list[str]) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {msg}, got {OmegaConf.select(cfg, key)!r}")
+
+    def one_of(key: str, choices: tuple[str, ...]) -> None:
+        need(OmegaConf.select(cfg, key) in choices, key, f"must be one of {' | '.join(choices)}")
+
+    def positive(key: str, optional: bool = False) -> None:
+        v = OmegaConf.select(cfg, key)
+        ok = (optional and v is None) or (v is not None and v > 0)
+        need(ok, key, "must be > 0" + (" or null" if optional else ""))
+
+    def groupsize(key: str) -> None:
+        v = OmegaConf.select(cfg, key)
+        need(v == -1 or v > 0, key, "must be -1 (one group per row/head) or a positive group size")
+
+    lo, hi = BITS_RANGE
+    for key in ("quant.w_bits", "quant.a_bits", "quant.kv_bits", "quant.lm_head_bits", "quant.gptq.w_bits"):
+        v = OmegaConf.select(cfg, key)
+        if key == "quant.gptq.w_bits" and v is None:
+            continue
+        need(lo <= v <= hi, key, f"bits must be in {lo}..{hi} (16 = not quantized)")
+
+    d, q, r, t = cfg.data, cfg.quant, cfg.rotation, cfg.train
+    one_of("model.dtype", DTYPES)
+    one_of("quant.w_method", WEIGHT_METHODS)
+    one_of("rotation.init", ROTATION_INITS)
+    one_of("rotation.optimizer", ROTATION_OPTIMIZERS)
+    one_of("train.lr_scheduler_type", LR_SCHEDULERS)
+
+    forms = f"{' | '.join(HUB_DATASETS)} or a local {'/'.join(DATA_SUFFIXES)} file or glob"
+    for key in ("data.train", "data.eval"):
+        v = OmegaConf.select(cfg, key)
+        if key == "data.eval" and v is not None and not v.strip():
+            errors.append("data.eval: empty string; use null for no evaluation or one of " + forms)
+        elif isinstance(v, str) and v.strip():  # a missing data.train is reported by _check_required
+            need(_data_source_ok(v), key, f"must be {forms}")
+    positive("data.seqlen")
+    positive("data.nsamples")
+    positive("data.eval_seqlen", optional=True)
+    positive("data.eval_max_windows", optional=True)
+    if d.text_field is not None:
+        need(bool(d.text_field.strip()), "data.text_field", "must be a column name or null")
+
+    for key in ("quant.w_groupsize", "quant.a_groupsize", "quant.kv_groupsize"):
+        groupsize(key)
+    need(0 < q.a_clip <= 1, "quant.a_clip", "clip ratio must be in (0, 1]")
+    positive("quant.gptq.nsamples")
+    positive("quant.gptq.block_size")
+    need(0 <= q.gptq.percdamp < 1, "quant.gptq.percdamp", "must be in [0, 1) (fraction of mean diagonal)")
+
+    layout = r.layout
+    shipped = sorted(p.stem for p in _LAYOUT_DIR.glob("*.yaml"))
+    is_path = layout.endswith((".yaml", ".yml")) or "/" in layout
+    need(is_path or layout in shipped, "rotation.layout",
+         f"must be a shipped layout ({' | '.join(shipped)}) or a path to a layout .yaml")  # fmt: skip
+    need(0 <= r.momentum < 1, "rotation.momentum", "must be in [0, 1)")
+
+    need(cfg.loss.kl_weight >= 0, "loss.kl_weight", "must be >= 0")
+    need(cfg.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
+    if cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0:
+        errors.append("loss: ce_weight and kl_weight are both 0, so nothing would be trained; make one > 0")
+
+    if t.max_steps <= 0:
+        errors.append(
+            f"train.max_steps: max_steps must be > 0: rotation training is step-based (SpinQuant uses 100); "
+            f"got {t.max_steps} (HF's -1 default would silently run epochs or nothing). Set train.max_steps=N"
+        )
+    positive("train.learning_rate")
+    positive("train.per_device_train_batch_size")
+    positive("train.gradient_accumulation_steps")
+    positive("train.logging_steps")
+    positive("train.save_steps")
+    positive("train.save_total_limit", optional=True)
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.dataloader_num_workers >= 0, "train.dataloader_num_workers", "must be >= 0")
+    reports = list(t.report_to)
+    names_ok = all(isinstance(x, str) and x.strip() for x in reports)
+    need(names_ok, "train.report_to", "must be a list of integration names")
+    need("none" not in reports or reports == ["none"], "train.report_to", "'none' cannot be combined with integrations")
+    positive("eval.batch_size")
+
+
+def validate(cfg: DictConfig | Mapping) -> DictConfig:
+    """Check a recipe (structured or plain) and return it as a structured, resolved DictConfig.
+
+    Every problem found is listed in one RecipeError, each line starting with its dotted key.
+    """
+    if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is RecipeConfig):
+        user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+        cfg = _merge(_schema(), user, "in the given config")
+    errors: list[str] = []
+    _check_required(cfg, errors)
+    if not errors:  # interpolations can only be resolved once required values exist
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"cannot resolve interpolation in recipe: {e}") from e
+        _check_values(cfg, errors)
+    if errors:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def recipe_to_yaml(cfg: DictConfig) -> str:
+    """The fully resolved recipe as YAML (saved next to checkpoints and exports)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# ---------------------------------------------------------------------------------- HF Trainer glue
+_TRAIN_KEYS_NOT_FOR_HF = ("resume_from_checkpoint",)  # passed to trainer.train() instead
+
+
+def training_arguments_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.TrainingArguments`` from ``train.*`` and ``output_dir``.
+
+    ``overwrite_output_dir`` is not included (transformers 5 dropped it; the launch script acts on it),
+    nor ``resume_from_checkpoint`` (an argument of ``Trainer.train``).
+    """
+    import inspect
+
+    import torch
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = {
+        k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in _TRAIN_KEYS_NOT_FOR_HF
+    }
+    kwargs.update(
+        output_dir=str(cfg.output_dir),
+        per_device_eval_batch_size=int(cfg.eval.batch_size),
+        # The collator feeds input_ids/labels only; the model's forward signature must not prune them.
+        remove_unused_columns=False,
+        # Every rotation receives a gradient each step, and a DDP unused-parameter scan costs a pass.
+        ddp_find_unused_parameters=False,
+    )
+    params = inspect.signature(TrainingArguments).parameters
+    # transformers 5.23 renamed gradient_checkpointing -> activation_checkpointing (old name warns).
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    kwargs[ckpt] = bool(kwargs.pop("gradient_checkpointing"))
+    if kwargs[ckpt]:
+        # Weights are frozen: reentrant checkpointing drops gradients when a segment's inputs do not
+        # require grad, so use the non-reentrant variant.
+        kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
+    if "save_safetensors" in params:  # removed in transformers 5 (always safetensors there)
+        kwargs["save_safetensors"] = True
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    return kwargs

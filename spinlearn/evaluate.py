@@ -1,0 +1,308 @@
+"""Perplexity of a (rotated, quantized) model, and one row of the results table: rotation x quantizer.
+
+``evaluate_setting`` is what ``spinlearn eval`` runs: load, rotate (none / random Hadamard / learned),
+optionally GPTQ the weights, install the fake quantizers of ``wrappers.py`` and measure perplexity.
+
+Where a learned rotation is found (``--rotation learned``):
+  * an exported model (``train_rotations.py`` writes ``OUT/model/`` and ``OUT/rotations.safetensors``; ``spinlearn
+    rotate`` writes both into one directory) already holds its rotations: ``rotations.safetensors`` in the model
+    directory or its parent, or an online-Hadamard record in its config, marks it. Nothing is folded again.
+  * a plain (unrotated) model plus ``rotations_file``: the file's matrices are folded with ``layout``.
+Online Hadamards recorded in a model's config are part of its function and are always installed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .quant import QuantSpec
+from .wrappers import ONLINE_KEY, R4_PATTERN, QuantSettings, wrap_model
+
+ROTATIONS_FILE = "rotations.safetensors"
+ROTATIONS = ("none", "hadamard", "learned")
+W_METHODS = ("rtn", "gptq")
+
+__all__ = [
+    "perplexity", "evaluate_setting", "learned_source", "check_safetensors", "recorded_rotations_file", "apply_rotations_file",
+    "ROTATIONS_FILE",
+]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "ppl"
+) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows [n, seqlen] (labels = the inputs, HF's shifted loss).
+
+    Runs inside ``parametrize.cached()``: rotated/quantized weights are computed once, not per window."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs token windows [n >= 1, seqlen >= 2], got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with parametrize.cached():
+            for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
+                batch = windows[start : start + batch_size].to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss  # mean over batch * (seqlen-1)
+                n = batch.shape[0] * (batch.shape[1] - 1)
+                total += float(loss) * n
+                count += n
+    finally:
+        model.train(was_training)
+    nll = total / count
+    if not math.isfinite(nll):
+        raise FloatingPointError(f"perplexity: the mean NLL is {nll} (the quantized model produced NaN/inf logits)")
+    return math.exp(nll)
+
+
+# ----------------------------------------------------------------------------------------- learned rotations
+def recorded_rotations_file(model_dir: str | Path) -> Path | None:
+    """The rotations file an export left next to its model: DIR/rotations.safetensors or DIR/../rotations.safetensors."""
+    d = Path(model_dir)
+    for cand in (d / ROTATIONS_FILE, d.parent / ROTATIONS_FILE):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def apply_rotations_file(
+    model: nn.Module, path: str | Path, layout: str = "transformer_universal"
+) -> dict[str, torch.Tensor]:
+    """Fold the matrices of a rotations file (e.g. a training checkpoint's) into a plain model, in place.
+
+    The file must hold exactly the instances the layout makes for this model (``r1``, ``r2.model.layers.0``...)
+    with matching sizes; anything else means another model or another layout, and nothing is changed."""
+    from .export import load_rotations
+    from .fusion import fold_rotations
+    from .layout import load_layout, resolve_dims, resolve_placements
+    from .pipeline import prepare_model
+    from .rotations import orthogonality_error
+
+    matrices = load_rotations(path)
+    # The names the layout makes for this model, checked before prepare_model edits it (norm fusion, untying).
+    lay = load_layout(layout)
+    dims = resolve_dims(lay, model.config)
+    expected = {}
+    for p in resolve_placements(model, lay, dims):
+        expected.setdefault(p.instance, dims[p.matrix])
+    missing, extra = sorted(set(expected) - set(matrices)), sorted(set(matrices) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"rotations file {str(path)!r} does not fit this model with layout {lay.name!r}: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+            f"{'...' if len(extra) > 4 else ''} (expected {len(expected)} matrices, e.g. {sorted(expected)[:3]})"
+        )
+    for name, n in expected.items():
+        if tuple(matrices[name].shape) != (n, n):
+            raise ValueError(
+                f"rotations file {str(path)!r}: matrix {name!r} has shape {tuple(matrices[name].shape)}, "
+                f"layout {lay.name!r} needs ({n}, {n}) for this model"
+            )
+        err = orthogonality_error(matrices[name].double())
+        if err > 1e-4:
+            raise ValueError(f"rotations file {str(path)!r}: matrix {name!r} is not orthogonal (|R^T R - I| = {err:.1e})")
+    plan = prepare_model(model, lay)
+    fold_rotations(plan.placements, {k: v.double() for k, v in matrices.items()}, plan.layout.use_float64)
+    return matrices
+
+
+# --------------------------------------------------------------------------------------------- one setting
+def _r4_linears(model: nn.Module) -> list[nn.Linear]:
+    globs = R4_PATTERN.split("|")
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+
+@torch.no_grad()
+def _fold_r4(model: nn.Module) -> int:
+    """W <- W H on every R4 target; the online half (x -> x H) is installed by wrap_model(r4_in_weights=False)."""
+    from .hadamard import fast_hadamard_transform, supported_order
+
+    lins = _r4_linears(model)
+    if not lins:
+        raise ValueError(f"--r4 is on but no module matches {R4_PATTERN!r}")
+    for lin in lins:
+        if not supported_order(lin.in_features):
+            raise ValueError(f"R4: no Hadamard transform of order {lin.in_features} (down_proj input width)")
+    for lin in lins:
+        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
+    return len(lins)
+
+
+def check_safetensors(model_dir: str | Path) -> None:
+    """Raise ValueError naming the first weights file in ``model_dir`` whose safetensors header is unreadable
+    (cheap: headers only; transformers' own error does not say which file)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        if f.name == ROTATIONS_FILE:
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    fh.get_slice(k)
+        except Exception as e:
+            raise ValueError(f"cannot load the model in {str(model_dir)!r}: corrupt or truncated file {str(f)!r} ({e})") from e
+
+
+def _load(model_path_or_model, dtype):
+    if isinstance(model_path_or_model, nn.Module):
+        return model_path_or_model, None
+    from .modeling import check_model_path, load_causal_lm
+
+    path = check_model_path(model_path_or_model)
+    check_safetensors(path)
+    try:
+        return load_causal_lm(path, dtype=dtype), path
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # safetensors' own error types, e.g. data shorter than the header says
+        raise ValueError(f"cannot load the model in {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def _model_config(model_path_or_model) -> dict:
+    if isinstance(model_path_or_model, nn.Module):
+        return model_path_or_model.config.to_dict()
+    import json
+
+    from .modeling import check_model_path
+
+    return json.loads((check_model_path(model_path_or_model) / "config.json").read_text())
+
+
+def learned_source(model_path_or_model, rotations_file: str | Path | None = None) -> tuple[str, Path | None]:
+    """Where ``--rotation learned`` takes its rotations from, checked from config.json alone (before loading).
+
+    Returns ("exported", recorded file or None) for a model that already holds them, or ("file", path) when the
+    matrices of ``rotations_file`` are to be folded into a plain model. Raises ValueError otherwise."""
+    is_model = isinstance(model_path_or_model, nn.Module)
+    where = type(model_path_or_model).__name__ if is_model else str(model_path_or_model)
+    online = _model_config(model_path_or_model).get(ONLINE_KEY) or {}
+    recorded = None if is_model else recorded_rotations_file(model_path_or_model)
+    exported = recorded is not None or bool(online)
+    if rotations_file is not None:
+        rf = Path(rotations_file)
+        if not rf.is_file():
+            raise FileNotFoundError(f"rotations file {str(rotations_file)!r} does not exist")
+        if recorded is not None and rf.resolve() == recorded.resolve():
+            return "exported", recorded
+        if exported:
+            raise ValueError(
+                f"model {where!r} already has rotations folded in (recorded: {recorded or ONLINE_KEY}); "
+                "drop --rotations, or pass the unrotated model"
+            )
+        return "file", rf
+    if not exported:
+        raise ValueError(
+            f"--rotation learned needs a model exported by train_rotations.py (no recorded rotations in {where}: "
+            f"no {ROTATIONS_FILE} in the model directory or its parent and no {ONLINE_KEY} in its config); "
+            "or pass --rotations FILE together with the unrotated model"
+        )
+    return "exported", recorded
+
+
+def _spec_dict(spec: QuantSpec) -> dict:
+    return asdict(spec)
+
+
+def evaluate_setting(
+    model_path_or_model,
+    windows: torch.Tensor,
+    *,
+    rotation: str = "none",
+    quant: QuantSettings | None = None,
+    w_method: str = "rtn",
+    calib_blocks: torch.Tensor | None = None,
+    rotations_file: str | Path | None = None,
+    layout: str = "transformer_universal",
+    seed: int = 0,
+    r3: bool = False,
+    r4: bool = False,
+    gptq_kwargs: dict | None = None,
+    dtype: str | torch.dtype = "auto",
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
+
+    rotation: "none" quantizes the model as it is; "hadamard" folds random Hadamard R1/R2 (``pipeline.rotate``,
+    ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
+    r3/r4 add online Hadamards (R4 is folded into down_proj weights first). w_method "gptq" runs
+    ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
+    with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
+    A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.
+    """
+    quant = quant or QuantSettings()
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation={rotation!r}: use one of {', '.join(ROTATIONS)}")
+    if w_method not in W_METHODS:
+        raise ValueError(f"w_method={w_method!r}: use one of {', '.join(W_METHODS)}")
+    if rotations_file is not None and rotation != "learned":
+        raise ValueError(f"a rotations file ({rotations_file}) only goes with rotation 'learned', not {rotation!r}")
+    if w_method == "gptq" and (calib_blocks is None or calib_blocks.numel() == 0):
+        raise ValueError("GPTQ needs calibration data: pass calib_blocks (CLI: --calib-data FILE), or use --w-method rtn")
+    source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
+
+    model, path = _load(model_path_or_model, dtype)
+    model.eval()
+    where = str(path) if path is not None else type(model).__name__
+    online = dict(getattr(model.config, ONLINE_KEY, None) or {})
+    settings: dict = {"model": where, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                      "rotation": rotation, "layout": layout, "w_method": w_method}
+
+    # --- rotation ----------------------------------------------------------------------------------------
+    if rotation == "hadamard":
+        from .pipeline import rotate
+
+        rotate(model, layout, mode="hadamard", seed=seed)
+        settings["seed"] = seed
+    elif source is not None and source[0] == "file":
+        apply_rotations_file(model, source[1], layout)
+        settings["rotations_file"] = str(source[1])
+        settings["rotations_folded"] = True
+    elif source is not None:
+        settings["rotations_file"] = str(source[1]) if source[1] else None
+        settings["rotations_folded"] = False  # the export already holds them
+
+    # --- online Hadamards: the recorded ones belong to the model; requested R4 is folded into the weights ---
+    use_r3 = bool(r3) or "r3" in online
+    use_r4 = bool(r4) or "r4" in online
+    if use_r4 and "r4" not in online:
+        _fold_r4(model)
+    settings.update(r3=use_r3, r4=use_r4, online_recorded=sorted(online))
+
+    # --- weights: GPTQ on the rotated float model (online R4 hook installed, activations float) -------------
+    if w_method == "gptq":
+        from .gptq import gptq_quantize_model
+
+        kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
+        hooks = wrap_model(model, quant=QuantSettings(), r3=use_r3, r4=use_r4, r4_in_weights=False)
+        errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
+        hooks.remove()
+        settings["gptq"] = {**kw, "nsamples": int(calib_blocks.shape[0]), "seqlen": int(calib_blocks.shape[1]),
+                            "layers_quantized": len(errors)}
+        eval_quant = QuantSettings(w=QuantSpec(bits=16), a=quant.a, kv=quant.kv, lm_head=quant.lm_head)
+    else:
+        eval_quant = quant
+
+    handle = wrap_model(model, quant=eval_quant, r3=use_r3, r4=use_r4, r4_in_weights=False)
+    try:
+        ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
+    finally:
+        handle.remove()
+    settings.update(
+        w=_spec_dict(quant.w), a=_spec_dict(quant.a), kv=_spec_dict(quant.kv), lm_head=_spec_dict(quant.lm_head),
+        eval_windows=int(windows.shape[0]), eval_seqlen=int(windows.shape[1]), batch_size=batch_size,
+    )
+    return {"ppl": ppl, "settings": settings}

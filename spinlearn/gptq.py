@@ -1,0 +1,413 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear layer's weight column by column, pushing each
+column's rounding error onto the not-yet-quantized columns through the inverse Hessian of the
+layer-wise reconstruction loss ||X W^T - X Q^T||^2, whose Hessian is H = 2 X^T X / N.
+
+The grid (scales, zero points, rounding) is the one from `spinlearn.quant`, so a GPTQ weight
+lies on exactly the grid that `quantize_weight` would use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant
+
+__all__ = ["HessianAccumulator", "gptq_quantize_weight", "gptq_quantize_model"]
+
+
+class HessianAccumulator:
+    """Running H = 2/N * sum_n x_n x_n^T over all rows (tokens) of the inputs seen so far, in float32.
+
+    N counts rows of the flattened input [..., in] (the reference counts sequences instead; the
+    difference is a constant factor, which GPTQ is invariant to since dampening is relative).
+    Use `add_batch` directly or register `forward_hook` on the linear layer.
+    """
+
+    def __init__(self, in_features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.in_features = in_features
+        self.dtype = dtype
+        self.nsamples = 0
+        self._hessian: Tensor | None = None
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor) -> None:
+        if x.dim() == 0:
+            raise ValueError("HessianAccumulator.add_batch expects inputs [..., in_features], got a scalar")
+        if self.in_features is None:
+            self.in_features = x.shape[-1]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianAccumulator: input has {x.shape[-1]} features, expected {self.in_features} "
+                "(the layer's in_features)"
+            )
+        rows = x.detach().reshape(-1, self.in_features).to(self.dtype)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self._hessian is None:
+            self._hessian = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=rows.device)
+        # Running average keeps the magnitude stable however many batches are added.
+        self._hessian.mul_(self.nsamples / (self.nsamples + n))
+        self.nsamples += n
+        rows = rows.to(self._hessian.device) * math.sqrt(2.0 / self.nsamples)
+        self._hessian.addmm_(rows.T, rows)
+
+    def forward_hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        """`module.register_forward_hook(acc.forward_hook)` collects the module's input."""
+        self.add_batch(args[0])
+
+    @property
+    def hessian(self) -> Tensor:
+        if self._hessian is None:
+            raise RuntimeError(
+                "GPTQ needs calibration data: no inputs were added to the HessianAccumulator "
+                "(call add_batch(x) with the layer's inputs, or run calibration batches through the model "
+                "with forward_hook registered)"
+            )
+        return self._hessian
+
+
+def _inverse_hessian_cholesky(h: Tensor, percdamp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U) and the dampening used."""
+    damp = percdamp * torch.diag(h).mean().item()
+    h = h.clone()
+    h.diagonal().add_(damp)
+    hint = f"increase percdamp (now {percdamp}) or use more calibration data"
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise RuntimeError(f"GPTQ: the dampened Hessian is not positive definite (Cholesky failed): {hint}")
+    hinv = torch.cholesky_inverse(chol)
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(u).all():
+        raise RuntimeError(f"GPTQ: Cholesky of the inverse Hessian failed: {hint}")
+    return u, damp
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, dict]:
+    """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; returns (dequantized weight, stats).
+
+    Scales are per output channel (spec.group_size == -1, taken from the whole weight up front) or
+    per group of columns, computed when the loop reaches the group's first column from the current,
+    error-updated weights (with static_groups: from the original weights, up front). Unlike the
+    reference, which reads a group's columns before this block's in-block updates, the columns are
+    taken exactly as a column-by-column GPTQ would see them, so the result does not depend on
+    block_size. act_order processes columns by descending Hessian diagonal; without static_groups the
+    groups are then consecutive in that order. stats: "error" is GPTQ's own estimate of the added
+    loss, sum (w - q)^2 / (2 [H^-1]_ii); "damp"; "dead_columns".
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"gptq_quantize_weight expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    if hessian.shape != (n_in, n_in):
+        raise ValueError(
+            f"hessian has shape {tuple(hessian.shape)}, expected ({n_in}, {n_in}) for a weight of {tuple(weight.shape)}"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive (128 is the usual choice)")
+    if percdamp < 0:
+        raise ValueError(f"percdamp={percdamp} must be >= 0 (0.01 is the usual choice)")
+    if not spec.enabled:
+        return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0}
+    group = spec.group_size
+    if group > 0 and n_in % group != 0:
+        raise ValueError(f"QuantSpec group_size={group} does not divide in_features {n_in}: use a divisor of {n_in}")
+    if static_groups and group <= 0:
+        raise ValueError("static_groups=True needs a QuantSpec with group_size > 0")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("GPTQ: the Hessian contains NaN or inf (check the calibration inputs)")
+
+    qmin, qmax = qrange(spec.bits, spec.sym)
+    clip, mse = float(spec.clip_ratio), spec.mse_clip
+
+    def params(cols: Tensor) -> tuple[Tensor, Tensor]:
+        return find_qparams(cols, spec.bits, spec.sym, clip, mse)
+
+    w = weight.detach().to(compute_dtype).clone()
+    h = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()
+
+    # A column whose input is always zero has no influence: zero it and give H a unit diagonal there.
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    scale = zero = None
+    if group <= 0:
+        scale, zero = params(w)
+    static_params: list[tuple[Tensor, Tensor]] = []
+    if static_groups:
+        static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+
+    hinv, damp = _inverse_hessian_cholesky(h, percdamp)
+    q_all = torch.zeros_like(w)
+    losses = torch.zeros_like(w)
+
+    for b1 in range(0, n_in, block_size):
+        b2 = min(b1 + block_size, n_in)
+        w1 = w[:, b1:b2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            if group > 0:
+                if static_groups:
+                    orig = perm[col].item() if perm is not None else col
+                    scale, zero = static_params[orig // group]
+                elif col % group == 0:
+                    scale, zero = params(_current_columns(w, w1, err1, hinv, b1, b2, i, col + group))
+            wc = w1[:, i]
+            q = quant_dequant(wc.unsqueeze(1), scale, zero, qmin, qmax).squeeze(1)
+            d = hinv1[i, i]
+            q_all[:, col] = q
+            losses[:, col] = (wc - q) ** 2 / d**2 / 2
+            err = (wc - q) / d
+            # OBS update of the rest of the block now; later blocks get one batched update below.
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, b2:] -= err1 @ hinv[b1:b2, b2:]
+
+    if perm is not None:
+        q_all = q_all[:, torch.argsort(perm)]
+    stats = {"error": losses.sum().item(), "damp": damp, "dead_columns": int(dead.sum().item())}
+    return q_all.to(weight.dtype), stats
+
+
+def _current_columns(
+    w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, b1: int, b2: int, i: int, end: int
+) -> Tensor:
+    """Columns [b1 + i, end) as the sequential algorithm would see them right now.
+
+    Inside the block they live in w1; beyond it, w still lacks this block's pending (lazy) update
+    from the i columns already quantized, which we apply here to the slice only.
+    """
+    cols = w1[:, i : min(end, b2) - b1]
+    if end <= b2:
+        return cols
+    rest = w[:, b2:end] - err1[:, :i] @ hinv[b1 : b1 + i, b2:end]
+    return torch.cat([cols, rest], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the inputs of interest are captured."""
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The first (outermost) ModuleList whose blocks hold Linears: the decoder layers of an HF model."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            return name, mod
+    return None
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in skip)
+
+
+def _check_unwrapped(name: str, mod: nn.Linear) -> None:
+    if parametrize.is_parametrized(mod, "weight"):
+        raise ValueError(
+            f"gptq_quantize_model: {name!r} has a weight parametrization (rotation/quantizer wrappers); "
+            "run GPTQ on the plain (rotated) float model first, then install the quantization wrappers"
+        )
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _call_groups(layer: nn.Module, linears: dict[str, nn.Linear], run) -> list[list[str]]:
+    """Linears of a layer in call order, those reading the very same input tensor grouped together
+    (q/k/v, gate/up): GPTQ quantizes a group, then recomputes the inputs of the next one."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if name not in seen:
+                seen.add(name)
+                calls.append((name, args[0]))  # keeping the tensor alive makes `is` identity meaningful
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    prev = None
+    for name, x in calls:
+        if groups and x is prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = x
+    return groups
+
+
+def _quantize_group(
+    names: list[str], linears: dict[str, nn.Linear], run, spec: QuantSpec, stats: dict[str, float], gptq_kw: dict
+) -> None:
+    accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
+    handles = [linears[n].register_forward_hook(accs[n].forward_hook) for n in names]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        w = linears[n].weight
+        q, st = gptq_quantize_weight(w.detach(), accs[n].hessian, spec, **gptq_kw)
+        w.data.copy_(q)
+        stats[n] = st["error"]
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    calib_blocks: Tensor | None,
+    spec: QuantSpec,
+    *,
+    skip: Sequence[str] = ("lm_head", "*mlp.gate", "*router*"),
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    static_groups: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """GPTQ-quantize every nn.Linear of ``model`` in place (weights become dequantized grid values).
+
+    Sequential, as in the GPTQ/QuaRot reference ("true sequential"): decoder layers in order, each layer's
+    inputs computed by the already-quantized layers before it; inside a layer the Linears are taken in call
+    order, those sharing one input (q/k/v, gate/up) together, and every group's inputs are recomputed after
+    the previous group was quantized. Forward pre-hooks already on the model (the online R4 Hadamard of
+    ``apply_online_rotations``) run before the Hessian hook sees the input, so they are part of the problem.
+    Linears outside the decoder layers (and all of them if no layer list is found) get their Hessians from
+    one pass of the whole model at the end. Activations are not quantized during calibration.
+
+    Weights that are not nn.Linear (3-D MoE expert tensors) are left alone: quantize them another way.
+    ``calib_blocks`` is a LongTensor [n, seqlen] of token ids, run one window at a time.
+    Returns {linear name: GPTQ's estimate of the added loss}.
+    """
+    if calib_blocks is None or calib_blocks.numel() == 0:
+        raise ValueError(
+            "GPTQ needs calibration data: pass calib_blocks as a LongTensor [nsamples, seqlen] of token ids "
+            "(CLI: --calib-data FILE)"
+        )
+    if calib_blocks.dim() != 2 or calib_blocks.dtype != torch.long:
+        raise ValueError(
+            f"calib_blocks must be a LongTensor [nsamples, seqlen], got {calib_blocks.dtype} {tuple(calib_blocks.shape)}"
+        )
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
+    if not linears:
+        raise ValueError(f"gptq_quantize_model: no nn.Linear left to quantize (skip={tuple(skip)})")
+    for n, m in linears.items():
+        _check_unwrapped(n, m)
+    gptq_kw = dict(percdamp=percdamp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+    device = next(model.parameters()).device
+    blocks = calib_blocks.to(device)
+    stats: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    found = _decoder_layers(model)
+    done: set[str] = set()
+    if found is not None:
+        prefix, layers = found
+        bar = tqdm(total=len(layers), desc="gptq", disable=not progress)
+        inputs, calls = _layer_inputs(model, layers, blocks)
+        for i, layer in enumerate(layers):
+            lin = {n: linears[f"{prefix}.{i}.{n}"] for n, _ in layer.named_modules() if f"{prefix}.{i}.{n}" in linears}
+            call = calls[i]
+
+            def run(call=call):
+                for x in inputs:
+                    call(x)
+
+            for group in _call_groups(layer, lin, lambda call=call: call(inputs[0])):
+                local: dict[str, float] = {}
+                _quantize_group(group, lin, run, spec, local, gptq_kw)
+                stats.update({f"{prefix}.{i}.{n}": e for n, e in local.items()})
+            done.update(f"{prefix}.{i}.{n}" for n in lin)
+            inputs = [_first_output(call(x)) for x in inputs]  # what the next layer sees, quantized
+            bar.update(1)
+        bar.close()
+    rest = {n: m for n, m in linears.items() if n not in done}
+    if rest:
+
+        def run_model():
+            for b in blocks:
+                model(input_ids=b.unsqueeze(0), use_cache=False)
+
+        _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw)
+    model.train(was_training)
+    return stats
+
+
+def _layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: Tensor) -> tuple[list[Tensor], list]:
+    """Hidden states entering layer 0 for every calibration window, and for each layer a function that calls
+    it on new hidden states with the other arguments (masks, position embeddings) it got in one recorded
+    full pass. Layers of hybrid models get different masks, hence one per layer; none depends on the
+    window's content (all windows have the same length)."""
+    calls: list = [None] * len(layers)
+
+    def record(i):
+        def hook(module, args, kwargs):
+            kw = {k: v for k, v in kwargs.items() if k not in ("use_cache", "past_key_values", "hidden_states")}
+            rest = args[1:]
+            if "hidden_states" in kwargs:
+                calls[i] = lambda x, m=module, a=rest, k=kw: m(*a, hidden_states=x, **k)
+            else:
+                calls[i] = lambda x, m=module, a=rest, k=kw: m(x, *a, **k)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=blocks[:1], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(c is None for c in calls):
+        raise ValueError("gptq_quantize_model: some decoder layers were not called in a forward pass")
+
+    inputs: list[Tensor] = []
+
+    def capture(module, args, kwargs):
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for b in blocks:
+            try:
+                model(input_ids=b.unsqueeze(0), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, calls

@@ -1,0 +1,258 @@
+"""Fake quantizers (quantize-dequantize) with a straight-through estimator.
+
+One integer grid is used everywhere (training loss, evaluation and GPTQ):
+
+* symmetric:  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),      x_hat = s * q,
+              s = clip * max|x| / (2^(b-1) - 1)   (QuaRot/SpinQuant convention: the extra
+              negative level is representable but the scale is set by the positive side)
+* asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1),              x_hat = s * (q - z),
+              s = clip * (max - min) / (2^b - 1), z = round(-clip * min / s), where the range
+              always contains 0 (min <= 0 <= max) so zero is exactly representable.
+
+Statistics are taken per row of the last dimension (per output channel for a weight
+[out, in], per token for an activation), or per group of `group_size` consecutive entries of
+the last dimension. Scales are computed without gradients; the STE makes the backward pass
+the identity: ``x + (x_hat - x).detach()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "QuantSpec",
+    "qrange",
+    "find_qparams",
+    "quant_dequant",
+    "fake_quantize",
+    "quantize_weight",
+    "quantize_activation",
+    "quantize_kv",
+    "ActQuantizer",
+    "quantizers_disabled",
+]
+
+# MSE clip search, as in GPTQ/QuaRot's `mse` option: shrink factors 1.00, 0.99, ..., 0.20 and the
+# p-norm of the error that picks the best one per row (2.4 weighs large errors a bit more than MSE).
+MSE_CLIP_GRID = 100
+MSE_CLIP_MIN_SHRINK = 0.2
+MSE_CLIP_NORM = 2.4
+
+
+@dataclass
+class QuantSpec:
+    """How to fake-quantize one kind of tensor (weights, activations or KV cache).
+
+    bits: 2..16, where 16 means "off". group_size: -1 for one scale per row (output channel /
+    token), or >0 for groups of that many entries along the last dim. clip_ratio: shrinks the
+    range before quantizing (0 < r <= 1). mse_clip: search the clip ratio per row/group that
+    minimises the quantization error (meant for weights; costs ~80 quantize passes).
+    """
+
+    bits: int = 16
+    sym: bool = True
+    group_size: int = -1
+    clip_ratio: float = 1.0
+    mse_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(
+                f"QuantSpec.bits={self.bits!r} is invalid: use an integer in 2..16 (16 = no quantization)"
+            )
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise ValueError(f"QuantSpec.group_size={self.group_size!r} must be an integer (-1 or > 0)")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(
+                f"QuantSpec.group_size={self.group_size} is invalid: "
+                "use -1 (one scale per channel/token) or a positive group size"
+            )
+        if not isinstance(self.clip_ratio, (int, float)) or not 0.0 < float(self.clip_ratio) <= 1.0:
+            raise ValueError(f"QuantSpec.clip_ratio={self.clip_ratio!r} is invalid: use a number in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+def qrange(bits: int, sym: bool) -> tuple[int, int]:
+    """Integer levels [qmin, qmax] of the grid."""
+    if sym:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _params_for_ratio(xmin: Tensor, xmax: Tensor, ratio: Tensor | float, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for a range [xmin, xmax] (per row, keepdim) shrunk by `ratio`."""
+    if sym:
+        absmax = torch.maximum(xmin.abs(), xmax) * ratio
+        scale = absmax / (2 ** (bits - 1) - 1)
+        # All-zero rows: any positive scale maps them to 0 exactly.
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    lo, hi = xmin * ratio, xmax * ratio
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+@torch.no_grad()
+def find_qparams(
+    x: Tensor, bits: int, sym: bool, clip_ratio: float = 1.0, mse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point per row of the last dim of `x` (shapes [..., 1]), no gradient.
+
+    With `mse`, tries shrink factors 1.00 .. 0.20 (times clip_ratio) and keeps per row the one
+    with the smallest sum |x_hat - x|^2.4, like GPTQ's reference quantizer.
+    """
+    x = x.detach().to(_compute_dtype(x))
+    zero_t = torch.zeros((), dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zero_t)
+    xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zero_t)
+    scale, zero = _params_for_ratio(xmin, xmax, clip_ratio, bits, sym)
+    if not mse:
+        return scale, zero
+    qmin, qmax = qrange(bits, sym)
+    best = torch.full_like(scale, float("inf"))
+    n_steps = round((1.0 - MSE_CLIP_MIN_SHRINK) * MSE_CLIP_GRID)
+    for i in range(n_steps + 1):
+        ratio = clip_ratio * (1.0 - i / MSE_CLIP_GRID)
+        s, z = _params_for_ratio(xmin, xmax, ratio, bits, sym)
+        # In place: this loop dominates the cost of weight quantization with mse_clip.
+        err = x.div(s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(x)
+        err = err.abs_().pow_(MSE_CLIP_NORM).sum(dim=-1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Round to the grid and map back: scale * (clamp(round(x / scale) + zero, qmin, qmax) - zero)."""
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    return scale * (q - zero)
+
+
+def _check_groups(n: int, group_size: int, what: str) -> None:
+    if n % group_size != 0:
+        raise ValueError(
+            f"{what} group_size={group_size} does not divide the last dimension {n}: "
+            f"use a divisor of {n} or -1 for one scale per row"
+        )
+
+
+def _fake_quantize_rows(x: Tensor, bits: int, sym: bool, clip_ratio: float, mse: bool, group: int) -> Tensor:
+    """Quantize-dequantize with STE, statistics per group of `group` entries of the last dim."""
+    xf = x.to(_compute_dtype(x))
+    shape = xf.shape
+    grouped = xf.reshape(*shape[:-1], shape[-1] // group, group)
+    with torch.no_grad():
+        scale, zero = find_qparams(grouped, bits, sym, clip_ratio, mse)
+        xq = quant_dequant(grouped, scale, zero, *qrange(bits, sym)).reshape(shape)
+    # Straight-through estimator: forward = x_hat, backward = identity.
+    return (xf + (xq - xf).detach()).to(x.dtype)
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize-dequantize `x` along its last dim (per row, or per group of spec.group_size)."""
+    if not spec.enabled:
+        return x
+    if x.dim() == 0:
+        raise ValueError("fake_quantize needs a tensor with at least one dimension, got a scalar")
+    n = x.shape[-1]
+    group = n if spec.group_size == -1 else spec.group_size
+    _check_groups(n, group, "QuantSpec")
+    return _fake_quantize_rows(x, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip, group)
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
+    """Weight [out, in]: one scale per output channel, or per group along `in`; honours mse_clip."""
+    if not spec.enabled:
+        return w
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    return fake_quantize(w, spec)
+
+
+def quantize_activation(x: Tensor, spec: QuantSpec) -> Tensor:
+    """Activation [..., features]: dynamic scales per token (row of the last dim) or per group."""
+    return fake_quantize(x, spec)
+
+
+def quantize_kv(x: Tensor, spec: QuantSpec, head_dim: int) -> Tensor:
+    """Keys/values [..., n_heads * head_dim]: one scale per token per head.
+
+    spec.group_size > 0 splits each head into sub-groups of that size. Symmetry follows spec.sym;
+    KV caches are usually quantized asymmetrically, so build their spec with sym=False.
+    """
+    if not spec.enabled:
+        return x
+    if head_dim <= 0 or x.shape[-1] % head_dim != 0:
+        raise ValueError(
+            f"quantize_kv: head_dim={head_dim} does not divide the last dimension {x.shape[-1]} "
+            "(expected [..., n_heads * head_dim])"
+        )
+    group = head_dim
+    if spec.group_size > 0:
+        if head_dim % spec.group_size != 0:
+            raise ValueError(
+                f"quantize_kv: group_size={spec.group_size} does not divide head_dim={head_dim}: "
+                "use a divisor of head_dim or -1 for one scale per head"
+            )
+        group = spec.group_size
+    return _fake_quantize_rows(x, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip, group)
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic activation (or KV, when head_dim is set) fake quantizer that can be switched off.
+
+    `enabled` is a plain attribute so the trainer can compute float teacher logits with the
+    same model (see `quantizers_disabled`).
+    """
+
+    def __init__(self, spec: QuantSpec, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.head_dim = head_dim
+        self.enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or not self.spec.enabled:
+            return x
+        if self.head_dim is not None:
+            return quantize_kv(x, self.spec, self.head_dim)
+        return quantize_activation(x, self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kv = f", head_dim={self.head_dim}" if self.head_dim is not None else ""
+        return f"bits={s.bits}, sym={s.sym}, group_size={s.group_size}, clip_ratio={s.clip_ratio}{kv}"
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Temporarily turn off every ActQuantizer (and any module with a boolean `quant_enabled`) in `model`."""
+    saved: list[tuple[nn.Module, str, bool]] = []
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            saved.append((m, "enabled", m.enabled))
+        elif isinstance(getattr(m, "quant_enabled", None), bool):
+            saved.append((m, "quant_enabled", m.quant_enabled))
+    try:
+        for m, attr, _ in saved:
+            setattr(m, attr, False)
+        yield
+    finally:
+        for m, attr, value in saved:
+            setattr(m, attr, value)

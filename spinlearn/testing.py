@@ -1,0 +1,104 @@
+"""Tiny random-weight models built from configs (no downloads), for tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+# family -> (config class name, layout, config kwargs)
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "transformer_universal",
+              dict(_COMMON, intermediate_size=172 * 2, tie_word_embeddings=True, head_dim=16)),
+    "qwen2": ("Qwen2Config", "transformer_universal", dict(_COMMON, intermediate_size=96, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "transformer_universal", dict(_COMMON, intermediate_size=96, head_dim=16)),
+    "mistral": ("MistralConfig", "transformer_universal", dict(_COMMON, intermediate_size=96, head_dim=16)),
+    "mixtral": ("MixtralConfig", "transformer_universal",
+                dict(_COMMON, intermediate_size=48, num_local_experts=3, num_experts_per_tok=2, head_dim=16)),
+    "gemma": ("GemmaConfig", "transformer_universal", dict(_COMMON, intermediate_size=96, head_dim=16)),
+    "phi3": ("Phi3Config", "phi3", dict(_COMMON, intermediate_size=96, pad_token_id=0)),
+    "nemotron_h": ("NemotronHConfig", "nemotron_h",
+                   dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        hybrid_override_pattern="M*-", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=1, mamba_d_conv=4,
+                        mamba_expand=2, max_position_embeddings=128)),
+    "opt": ("OPTConfig", "opt", dict(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                      num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128)),
+}
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    cls_name, _, kwargs = FAMILIES[family]
+    kw = dict(kwargs, **overrides)
+    if family in ("qwen2", "qwen3", "mistral", "mixtral", "gemma", "llama", "phi3", "nemotron_h", "opt"):
+        kw.setdefault("bos_token_id", 1)
+        kw.setdefault("eos_token_id", 2)
+        kw.setdefault("pad_token_id", 0)
+    return getattr(transformers, cls_name)(**kw)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised model; norms get non-trivial weights so that norm fusion is really exercised."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {"experts_implementation": "eager"} if family == "mixtral" else {}
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "layer_norm" in name):
+                p.add_(0.3 * torch.randn_like(p))  # init is all ones/zeros: make the scales and biases matter
+            elif p.ndim == 1 and name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def layout_for(family: str) -> str:
+    return FAMILIES[family][1]
+
+
+def float64_exact_norms(model) -> None:
+    """Make RMSNorm modules compute in the input dtype instead of upcasting to float32.
+
+    Hugging Face RMSNorms compute their variance in float32 even for float64 inputs, which caps a float64
+    invariance check at ~1e-7. Tests that check rotations to 1e-9 swap in the same formula in float64."""
+    import types
+
+    from .fusion import inspect_norm
+
+    for mod in model.modules():
+        cls = type(mod).__name__
+        if "RMSNorm" not in cls or "Gated" in cls or getattr(mod, "weight", None) is None:
+            continue
+        plus_one = inspect_norm(mod).plus_one
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
+
+        def forward(self, x, _eps=eps, _plus=plus_one):
+            scale = self.weight + 1.0 if _plus else self.weight
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps) * scale.to(x.dtype)
+
+        mod.forward = types.MethodType(forward, mod)
+
+
+@torch.no_grad()
+def logits_in_model_dtype(model, input_ids):
+    """Logits without a final cast (some models return float32 logits even for a float64 model)."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    return model.get_output_embeddings()(hidden)
+
+
+def save_tiny_model_dir(path, family: str = "llama", tokenizer_dir=None, seed: int = 0, **overrides):
+    """A tiny random model saved as a Hugging Face directory with a real tokenizer (the demo's by default)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = tokenizer_dir or Path(__file__).parent / "demo" / "model"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = tiny_model(family, seed=seed, vocab_size=len(tok), **overrides)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return Path(path)

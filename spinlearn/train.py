@@ -1,0 +1,220 @@
+"""The learned-rotation job: setup -> baselines -> train -> fuse -> export -> evaluate.
+
+Called by ``launch/train_rotations.py`` (under ``accelerate launch``) and by ``spinlearn train``.
+Every rank runs the same code; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .report import format_table
+from .export import save_model_dir, save_rotations
+from .fusion import fold_rotations
+from .hadamard import fast_hadamard_transform
+from .modeling import check_model_path, load_causal_lm, load_tokenizer
+from .pipeline import make_matrices, prepare_model
+from .quant import QuantSpec
+from .rotations import RotationBank
+from .wrappers import ONLINE_KEY, QuantSettings, online_rotation_record, wrap_model
+
+
+def _log(msg: str, main: bool) -> None:
+    if main:
+        print(f"[spinlearn] {msg}", flush=True)
+
+
+def _check_output_dir(cfg) -> Path:
+    out = Path(cfg.output_dir)
+    resuming = bool(cfg.train.resume_from_checkpoint)
+    if out.exists() and any(out.iterdir()) and not (cfg.overwrite_output_dir or resuming):
+        raise FileExistsError(
+            f"output_dir {str(out)!r} exists and is not empty; set overwrite_output_dir=true or "
+            "train.resume_from_checkpoint=PATH"
+        )
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def fold_r4(model: nn.Module, wrapped_names: list[str]) -> None:
+    """Fold the online Hadamard's transpose side into down_proj weights: W <- W H (in float64)."""
+    for name in wrapped_names:
+        lin = model.get_submodule(name)
+        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
+
+
+def _r4_modules(model: nn.Module) -> list[str]:
+    import fnmatch
+
+    from .wrappers import R4_PATTERN
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and any(fnmatch.fnmatchcase(n, g) for g in R4_PATTERN.split("|"))]
+
+
+def _default_wandb_offline(cfg) -> None:
+    """wandb with no account and no mode set fails (or hangs without network): default to offline runs."""
+    report = list(cfg.train.report_to or [])
+    if "wandb" in report and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        print("[spinlearn] wandb: no WANDB_MODE or API key set; logging offline (wandb sync later)", flush=True)
+
+
+def run_training(cfg) -> dict:
+    """Run the whole job described by a validated recipe; returns the metrics dict."""
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    from .config import recipe_to_yaml, training_arguments_kwargs
+    from .data import TokenBlockDataset, calibration_blocks, eval_windows, load_text, tokenize_concat
+    from .evaluate import perplexity
+    from .trainer import NonFiniteLossError, RotationTrainer
+
+    _default_wandb_offline(cfg)
+    state = PartialState()
+    main = state.is_main_process
+    t_start = time.perf_counter()
+    out = _check_output_dir(cfg)
+    check_model_path(cfg.model.path)
+    torch.manual_seed(cfg.train.seed)
+
+    # --- setup: model, data --------------------------------------------------------------------------------
+    model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model.to(state.device)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    train_ids = tokenize_concat(load_text(cfg.data.train, split="train", text_field=cfg.data.text_field), tokenizer)
+    blocks = calibration_blocks(train_ids, cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed)
+    windows = None
+    if cfg.data.eval:
+        eval_ids = tokenize_concat(load_text(cfg.data.eval, split="test", text_field=cfg.data.text_field), tokenizer)
+        windows = eval_windows(eval_ids, cfg.data.eval_seqlen or cfg.data.seqlen)
+        if cfg.data.eval_max_windows:
+            windows = windows[: cfg.data.eval_max_windows]
+        windows = windows.to(state.device)
+    qtrain = QuantSettings.from_recipe(cfg.quant)
+    metrics: dict = {"model": str(cfg.model.path), "rows": {}}
+
+    def ppl(label: str) -> float:
+        value = perplexity(model, windows, batch_size=cfg.eval.batch_size, progress=main, desc=label)
+        metrics["rows"][label] = value
+        _log(f"{label}: perplexity {value:.3f}", main)
+        return value
+
+    # --- baselines on the untouched model ------------------------------------------------------------------
+    if windows is not None:
+        ppl("float")
+        if cfg.eval.baselines:
+            h = wrap_model(model, quant=qtrain)
+            ppl(f"{_qname(qtrain)} RTN, no rotation")
+            h.remove()
+
+    # --- rotations as Stiefel parameters, wrappers, training ---------------------------------------------
+    plan = prepare_model(model, cfg.rotation.layout)
+    bank = RotationBank(make_matrices(plan, mode=cfg.rotation.init, seed=cfg.rotation.seed)).to(state.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.spinlearn_rotations = bank  # registered once; the only trainable parameters
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
+    if windows is not None:
+        ppl(f"{_qname(qtrain)} RTN, {cfg.rotation.init} rotation (before training)")
+
+    args = TrainingArguments(**training_arguments_kwargs(cfg))
+    trainer = RotationTrainer(
+        model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=bank,
+        rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
+        kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight,
+    )
+    t_train = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=cfg.train.resume_from_checkpoint or None)
+    except NonFiniteLossError as e:
+        ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        last = str(ckpts[-1]) if ckpts else "none yet"
+        raise RuntimeError(f"{e}. Last good checkpoint: {last}") from e
+    train_time = time.perf_counter() - t_train
+    trainer.finalize_rotations()
+    learned = {k: v.double().cpu() for k, v in bank.matrices().items()}
+    metrics.update(
+        steps=int(trainer.state.global_step),
+        train_time_s=round(train_time, 2),
+        train_tokens_per_s=round(trainer.tokens_seen / max(train_time, 1e-9), 1),
+        final_train_loss=float(result.training_loss),
+        max_orth_error=bank.max_orthogonality_error(),
+    )
+    if windows is not None:
+        ppl(f"{_qname(qtrain)} RTN, learned rotation (wrapped)")
+
+    # --- fuse: fold the learned matrices into the weights (float64), drop the wrappers ------------------
+    handle.remove()
+    del model.spinlearn_rotations
+    fold_rotations(plan.placements, learned, plan.layout.use_float64)
+    if cfg.rotation.r4:
+        fold_r4(model, _r4_modules(model))
+    setattr(model.config, ONLINE_KEY, online_rotation_record(model, cfg.rotation.r3, cfg.rotation.r4))
+    if not getattr(model.config, ONLINE_KEY):
+        delattr(model.config, ONLINE_KEY)
+
+    # --- learned row on the fused model: exactly what a user of the export gets --------------------------
+    if windows is not None:
+        from .wrappers import apply_online_rotations
+
+        h = apply_online_rotations(model, qtrain)
+        ppl(f"{_qname(qtrain)} RTN, learned rotation")
+        h.remove()
+
+    # --- export (main process only) ----------------------------------------------------------------------
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_model = out / ".model.tmp"
+        shutil.rmtree(tmp_model, ignore_errors=True)
+        save_model_dir(model, tmp_model, tokenizer_source=cfg.model.path)
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        os.replace(tmp_model, out / "model")
+        save_rotations(learned, out / "rotations.safetensors", {"layout": plan.layout.name})
+        _atomic_write_text(out / "recipe.yaml", recipe_to_yaml(cfg))
+
+    # --- W4A16 GPTQ after learned rotations (modifies weights: after the export) -------------------------
+    if windows is not None and (cfg.eval.baselines or cfg.quant.w_method == "gptq"):
+        from .gptq import gptq_quantize_model
+        from .wrappers import apply_online_rotations
+
+        g = cfg.quant.gptq
+        wbits = g.w_bits or cfg.quant.w_bits
+        if wbits >= 16:
+            wbits = 4
+        calib = blocks[: g.nsamples].to(state.device)
+        h = apply_online_rotations(model, QuantSettings())  # online Hadamards only, float activations
+        gptq_quantize_model(model, calib, QuantSpec(bits=wbits, sym=cfg.quant.w_sym, group_size=cfg.quant.w_groupsize),
+                            percdamp=g.percdamp, block_size=g.block_size, act_order=g.act_order, progress=main)
+        ppl(f"W{wbits}A16 GPTQ, learned rotation")
+        if h is not None:
+            h.remove()
+
+    if main:
+        _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        table = format_table(metrics)
+        _atomic_write_text(out / "results.md", table)
+        print(table, flush=True)
+    state.wait_for_everyone()
+    return metrics
+
+
+def _qname(q: QuantSettings) -> str:
+    return f"W{q.w.bits}A{q.a.bits}KV{q.kv.bits}"

@@ -1,0 +1,258 @@
+"""Recipe schema: shipped recipes, overrides, helpful errors, TrainingArguments glue."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from spinlearn.config import (
+    LR_SCHEDULERS,
+    RecipeConfig,
+    RecipeError,
+    load_recipe,
+    recipe_to_yaml,
+    training_arguments_kwargs,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+BIT_KEYS = ["quant.w_bits", "quant.a_bits", "quant.kv_bits", "quant.lm_head_bits", "quant.gptq.w_bits"]
+
+MINIMAL = {
+    "model": {"path": "some/model"},
+    "data": {"train": "data/train.txt"},
+    "train": {"max_steps": 10},
+    "output_dir": "runs/x",
+}
+
+
+def write(tmp_path: Path, cfg: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    return path
+
+
+def test_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    for model in ("llama3_8b", "llama3_2_1b", "qwen2_5_7b", "qwen3_8b"):
+        assert {f"{model}_w4a4kv4", f"{model}_w16a4kv4"} <= names
+    assert "demo" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_loads_and_round_trips(path: Path, tmp_path: Path):
+    cfg = load_recipe(path)
+    assert OmegaConf.get_type(cfg) is RecipeConfig
+    assert cfg.train.max_steps > 0
+    # The saved (resolved) YAML must load back to the same recipe.
+    again = load_recipe(write(tmp_path, OmegaConf.create(recipe_to_yaml(cfg)), "again.yaml"))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    # Every key written in the file took effect (nothing silently dropped or defaulted).
+    raw = OmegaConf.load(path)
+    for key in _leaf_keys(OmegaConf.to_container(raw)):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(raw, key), key
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_header_is_its_launch_command(path: Path):
+    first = path.read_text().splitlines()[0]
+    m = re.fullmatch(
+        r"# accelerate launch (?:--config_file (accelerate_configs/\S+\.yaml) )?"
+        r"launch/train_rotations\.py --config recipes/(\S+\.yaml)",
+        first,
+    )
+    assert m, f"{path.name}: first line is not a launch command: {first!r}"
+    assert m.group(2) == path.name
+    if m.group(1):
+        assert (ROOT / m.group(1)).is_file(), m.group(1)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if re.search(r"_w\d+a\d+kv\d+$", p.stem)], ids=lambda p: p.name)
+def test_recipe_bits_match_its_name(path: Path):
+    w, a, kv = map(int, re.search(r"_w(\d+)a(\d+)kv(\d+)$", path.stem).groups())
+    q = load_recipe(path).quant
+    assert (q.w_bits, q.a_bits, q.kv_bits) == (w, a, kv)
+    if w == 16:  # trained with float weights: GPTQ must quantize them afterwards
+        assert q.w_method == "gptq" and q.gptq.w_bits is not None and q.gptq.w_bits < 16
+    else:
+        assert q.w_method == "rtn"
+
+
+def test_overrides_apply_after_file(tmp_path: Path):
+    path = write(tmp_path, {**MINIMAL, "quant": {"a_bits": 6}})
+    cfg = load_recipe(path, ["train.max_steps=5", "quant.a_bits=8", "train.report_to=[none]", "data.eval=e.jsonl"])
+    assert cfg.train.max_steps == 5 and isinstance(cfg.train.max_steps, int)
+    assert cfg.quant.a_bits == 8
+    assert list(cfg.train.report_to) == ["none"]
+    assert cfg.data.eval == "e.jsonl"
+    assert cfg.quant.w_bits == RecipeConfig().quant.w_bits  # untouched keys keep the schema default
+    # A later override wins over an earlier one; a bare string is accepted for report_to.
+    cfg = load_recipe(path, ["train.max_steps=5", "train.max_steps=7", "train.report_to=none"])
+    assert cfg.train.max_steps == 7 and list(cfg.train.report_to) == ["none"]
+
+
+def test_no_file_only_overrides():
+    cfg = load_recipe(None, ["model.path=m", "data.train=c4", "output_dir=o", "train.max_steps=3"])
+    assert (cfg.model.path, cfg.data.train, cfg.output_dir, cfg.train.max_steps) == ("m", "c4", "o", 3)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_recipe("recipes/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "section, bad, good",
+    [("train", "lerning_rate", "learning_rate"), ("quant", "a_bit", "a_bits"), ("quant.gptq", "nsampels", "nsamples")],
+)
+def test_misspelt_key_in_file(tmp_path: Path, section: str, bad: str, good: str):
+    cfg = OmegaConf.create(MINIMAL)
+    OmegaConf.update(cfg, f"{section}.{bad}", 1, force_add=True)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, OmegaConf.to_container(cfg)))
+    msg = str(e.value)
+    assert f"'{section}.{bad}'" in msg and f"'{section}.{good}'" in msg and "r.yaml" in msg
+
+
+def test_misspelt_key_in_override(tmp_path: Path):
+    with pytest.raises(ValueError) as e:
+        load_recipe(write(tmp_path, MINIMAL), ["train.lerning_rate=0.5"])
+    msg = str(e.value)
+    assert "'train.lerning_rate'" in msg and "'train.learning_rate'" in msg and "override" in msg
+
+
+def test_key_in_wrong_section_suggests_the_right_one(tmp_path: Path):
+    with pytest.raises(RecipeError, match=r"'quant\.w_bits'"):
+        load_recipe(write(tmp_path, MINIMAL), ["train.w_bits=3"])
+
+
+@pytest.mark.parametrize("text", ["train.max_steps", "=3", "quant=4"])
+def test_malformed_override(tmp_path: Path, text: str):
+    with pytest.raises(RecipeError):
+        load_recipe(write(tmp_path, MINIMAL), [text])
+
+
+def test_wrong_type_names_the_key(tmp_path: Path):
+    with pytest.raises(RecipeError, match=r"quant\.w_bits.*four"):
+        load_recipe(write(tmp_path, MINIMAL), ["quant.w_bits=four"])
+
+
+@pytest.mark.parametrize("key", BIT_KEYS)
+@pytest.mark.parametrize("bits", [1, 17])
+def test_bits_out_of_range(tmp_path: Path, key: str, bits: int):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, MINIMAL), [f"{key}={bits}"])
+    assert key in str(e.value) and "2..16" in str(e.value)
+
+
+@pytest.mark.parametrize("key", BIT_KEYS)
+@pytest.mark.parametrize("bits", [2, 16])
+def test_bits_at_range_ends_accepted(tmp_path: Path, key: str, bits: int):
+    assert OmegaConf.select(load_recipe(write(tmp_path, MINIMAL), [f"{key}={bits}"]), key) == bits
+
+
+@pytest.mark.parametrize("override", [[], ["train.max_steps=0"], ["train.max_steps=-1"]])
+def test_max_steps_must_be_set(tmp_path: Path, override: list[str]):
+    recipe = {k: v for k, v in MINIMAL.items() if k != "train"}
+    with pytest.raises(RecipeError, match=r"train\.max_steps: max_steps must be > 0: rotation training is step-based"):
+        load_recipe(write(tmp_path, recipe), override)
+
+
+@pytest.mark.parametrize("key", ["model.path", "data.train", "output_dir"])
+def test_required_keys_named(tmp_path: Path, key: str):
+    recipe = OmegaConf.create(MINIMAL)
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(recipe, parent) if parent else recipe
+    del node[leaf]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, OmegaConf.to_container(recipe)))
+    assert f"{key}: missing required value" in str(e.value)
+    others = {"model.path", "data.train", "output_dir"} - {key}
+    assert not any(f"{o}:" in str(e.value) for o in others)
+
+
+@pytest.mark.parametrize(
+    "key, bad, choice",
+    [
+        ("rotation.init", "random", "base_hadamard"),
+        ("rotation.optimizer", "adam", "riemannian_adam"),
+        ("quant.w_method", "awq", "gptq"),
+        ("model.dtype", "fp16", "bfloat16"),
+        ("train.lr_scheduler_type", "cosin", "cosine"),
+        ("rotation.layout", "transformer_univrsal", "transformer_universal"),
+        ("data.train", "train.csv", "wikitext2"),
+    ],
+)
+def test_enum_like_values(tmp_path: Path, key: str, bad: str, choice: str):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, MINIMAL), [f"{key}={bad}"])
+    assert key in str(e.value) and bad in str(e.value) and choice in str(e.value)
+    load_recipe(write(tmp_path, MINIMAL), [f"{key}={choice}"])
+
+
+def test_every_problem_reported_at_once(tmp_path: Path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, MINIMAL), ["quant.a_bits=1", "rotation.init=x", "train.max_steps=0"])
+    for key in ("quant.a_bits", "rotation.init", "train.max_steps"):
+        assert key in str(e.value)
+
+
+def test_paths_need_not_exist(tmp_path: Path):
+    cfg = load_recipe(write(tmp_path, MINIMAL), ["data.train=/does/not/exist/*.jsonl", "model.path=/nope"])
+    assert cfg.data.train == "/does/not/exist/*.jsonl"
+
+
+def test_layout_path_accepted(tmp_path: Path):
+    assert load_recipe(write(tmp_path, MINIMAL), ["rotation.layout=my/layout.yaml"]).rotation.layout == "my/layout.yaml"
+
+
+def test_validate_plain_dict_and_interpolation():
+    cfg = validate({**MINIMAL, "train": {"max_steps": 4, "run_name": "${output_dir}"}})
+    assert OmegaConf.get_type(cfg) is RecipeConfig
+    assert "run_name: runs/x" in recipe_to_yaml(cfg)
+    with pytest.raises(RecipeError, match="trian"):
+        validate({**MINIMAL, "trian": {}})
+
+
+def test_lr_schedulers_known_to_transformers():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_arguments_construct(tmp_path: Path, checkpointing: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    demo = OmegaConf.load(ROOT / "recipes" / "demo.yaml")
+    demo.output_dir = str(tmp_path / "out")
+    cfg = load_recipe(write(tmp_path, OmegaConf.to_container(demo)), [f"train.gradient_checkpointing={checkpointing}"])
+    kwargs = training_arguments_kwargs(cfg)
+    assert "resume_from_checkpoint" not in kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated argument names
+        args = TrainingArguments(**kwargs)
+    train = OmegaConf.to_container(cfg.train)
+    for key in ("learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "warmup_steps", "weight_decay", "seed", "bf16", "logging_steps", "save_steps",
+                "save_total_limit", "dataloader_num_workers", "run_name"):  # fmt: skip
+        assert getattr(args, key) == train[key], key
+    assert str(args.lr_scheduler_type.value) == train["lr_scheduler_type"]
+    assert args.report_to == train["report_to"]
+    assert args.gradient_checkpointing is checkpointing
+    assert args.output_dir == cfg.output_dir
+    assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
+    assert args.use_cpu is (not torch.cuda.is_available())
