@@ -1,0 +1,69 @@
+"""CUDA / bf16 paths. Skipped without a GPU (CI has none); run on a GPU machine with `pytest -m gpu`."""
+
+import pytest
+import torch
+
+import spinlearn
+from spinlearn.hadamard import fast_hadamard_transform, hadamard_matrix
+from spinlearn.pipeline import make_matrices, prepare_model
+from spinlearn.quant import QuantSpec, quantizers_disabled
+from spinlearn.rotations import RotationBank
+from spinlearn.testing import layout_for, logits_in_model_dtype, tiny_model
+from spinlearn.trainer import make_optimizer
+from spinlearn.wrappers import QuantSettings, wrap_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral", "opt", "nemotron_h"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_rotate_on_cuda(family, dtype, tol):
+    model = tiny_model(family).to("cuda", dtype)
+    ids = torch.randint(3, 128, (2, 16), device="cuda")
+    ref = logits_in_model_dtype(model, ids)
+    spinlearn.rotate(model, layout_for(family))
+    assert _rel(logits_in_model_dtype(model, ids), ref) <= tol
+
+
+@pytest.mark.parametrize("n", [128, 4096, 11008, 14336])
+def test_fast_hadamard_on_cuda_matches_dense(n):
+    x = torch.randn(64, n, device="cuda", dtype=torch.float64)
+    h = hadamard_matrix(n, dtype=torch.float64, device="cuda")
+    assert (fast_hadamard_transform(x) - x @ h).abs().max().item() <= 1e-10
+    xb = x.to(torch.bfloat16)
+    assert _rel(fast_hadamard_transform(xb), x @ h) <= 2e-2
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_wrapped_training_steps_on_cuda(model_dtype):
+    model = tiny_model("llama").to("cuda", model_dtype)
+    ids = torch.randint(3, 128, (2, 32), device="cuda")
+    ref = logits_in_model_dtype(model, ids)
+    plan = prepare_model(model, layout_for("llama"))
+    bank = RotationBank(make_matrices(plan, seed=0)).to("cuda")  # rotations stay float32
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.spinlearn_rotations = bank
+    q = QuantSettings(w=QuantSpec(4), a=QuantSpec(4, sym=False), kv=QuantSpec(4, sym=False))
+    wrap_model(model, plan=plan, bank=bank, quant=q, r3=True, r4=True)
+    opt = make_optimizer("cayley_sgd", list(bank.parameters()), lr=1.5, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert bank.max_orthogonality_error() <= 1e-5
+    with quantizers_disabled(model), torch.no_grad():
+        float_logits = model(input_ids=ids).logits
+    tol = 1e-3 if model_dtype == torch.float32 else 8e-2
+    assert _rel(float_logits, ref) <= tol  # rotations (and R3/R4) keep the float model's function
