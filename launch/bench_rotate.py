@@ -44,17 +44,23 @@ def build_model(dest: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+DEVICE = None  # set by --device
+
+
 def load_and_save(src: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    if DEVICE:
+        model.to(DEVICE)
     model.save_pretrained(dest, safe_serialization=True)
 
 
 def rotate_cli(src: Path, dest: Path) -> None:
     from spinlearn.cli import main
 
-    rc = main(["rotate", "--model", str(src), "--output", str(dest), "--overwrite"])
+    rc = main(["rotate", "--model", str(src), "--output", str(dest), "--overwrite"]
+              + (["--device", DEVICE] if DEVICE else []))
     if rc != 0:
         raise SystemExit(f"spinlearn rotate failed with exit code {rc}")
 
@@ -73,7 +79,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default=None, help="e.g. cuda: load to / rotate on that device in both paths")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="bench_rotate_"))
@@ -85,9 +94,9 @@ def main() -> None:
         t_rot = best_time(rotate_cli, args.repeats, src, out)
         ratio = t_rot / t_io
         print()
-        print("| model params | threads | load+save (s) | rotate (s) | ratio | target |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {n_params / 1e6:.1f}M | {args.threads} | {t_io:.2f} | {t_rot:.2f} | {ratio:.2f}x | "
+        print("| model params | device | threads | load+save (s) | rotate (s) | ratio | target |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {n_params / 1e6:.1f}M | {DEVICE or 'cpu'} | {args.threads} | {t_io:.2f} | {t_rot:.2f} | {ratio:.2f}x | "
               f"<= 2x {'(met)' if ratio <= 2 else '(MISSED)'} |")
         if args.profile:
             prof = cProfile.Profile()

@@ -25,7 +25,8 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
     parse_dtype(args.dtype)
 
     t0 = time.perf_counter()
-    model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                           device=args.device)
     t_load = time.perf_counter() - t0
     torch.manual_seed(args.seed)
     model, matrices = rotate(model, layout, mode=args.mode, seed=args.seed, verify=not args.no_verify)
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override every matrix's mode (default: the layout's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
+    r.add_argument("--device", default=None, help="where to do the math, e.g. cuda (default: cpu)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     r.add_argument("--trust-remote-code", action="store_true")
     r.add_argument("--no-verify", action="store_true", help="skip the before/after logits check")

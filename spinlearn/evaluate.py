@@ -31,7 +31,8 @@ ROTATIONS = ("none", "hadamard", "learned")
 W_METHODS = ("rtn", "gptq")
 
 __all__ = [
-    "perplexity", "evaluate_setting", "learned_source", "check_safetensors", "recorded_rotations_file", "apply_rotations_file",
+    "perplexity", "evaluate_setting", "learned_source", "check_safetensors", "recorded_rotations_file",
+    "apply_rotations_file",
     "ROTATIONS_FILE",
 ]
 
@@ -69,7 +70,7 @@ def perplexity(
 
 # ----------------------------------------------------------------------------------------- learned rotations
 def recorded_rotations_file(model_dir: str | Path) -> Path | None:
-    """The rotations file an export left next to its model: DIR/rotations.safetensors or DIR/../rotations.safetensors."""
+    """The rotations file an export left next to its model: DIR/rotations.safetensors or its parent's."""
     d = Path(model_dir)
     for cand in (d / ROTATIONS_FILE, d.parent / ROTATIONS_FILE):
         if cand.is_file():
@@ -112,7 +113,9 @@ def apply_rotations_file(
             )
         err = orthogonality_error(matrices[name].double())
         if err > 1e-4:
-            raise ValueError(f"rotations file {str(path)!r}: matrix {name!r} is not orthogonal (|R^T R - I| = {err:.1e})")
+            raise ValueError(
+                f"rotations file {str(path)!r}: matrix {name!r} is not orthogonal (|R^T R - I| = {err:.1e})"
+            )
     plan = prepare_model(model, lay)
     fold_rotations(plan.placements, {k: v.double() for k, v in matrices.items()}, plan.layout.use_float64)
     return matrices
@@ -121,7 +124,10 @@ def apply_rotations_file(
 # --------------------------------------------------------------------------------------------- one setting
 def _r4_linears(model: nn.Module) -> list[nn.Linear]:
     globs = R4_PATTERN.split("|")
-    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    return [
+        m for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)
+    ]
 
 
 @torch.no_grad()
@@ -153,7 +159,24 @@ def check_safetensors(model_dir: str | Path) -> None:
                 for k in fh.keys():
                     fh.get_slice(k)
         except Exception as e:
-            raise ValueError(f"cannot load the model in {str(model_dir)!r}: corrupt or truncated file {str(f)!r} ({e})") from e
+            raise ValueError(
+                f"cannot load the model in {str(model_dir)!r}: corrupt or truncated file {str(f)!r} ({e})"
+            ) from e
+
+
+@torch.no_grad()
+def _rtn_bare_weights(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """RTN for weights GPTQ does not handle (3-D MoE expert tensors, not nn.Linear), so no weight stays float."""
+    from .layout import addressable_targets
+    from .quant import quantize_weight
+
+    names = []
+    for name, t in addressable_targets(model).items():
+        if t.module is None and spec.enabled:
+            w = t.weight
+            w.copy_(quantize_weight(w.detach().reshape(-1, w.shape[-1]), spec).reshape(w.shape))
+            names.append(name)
+    return names
 
 
 def _load(model_path_or_model, dtype):
@@ -251,7 +274,9 @@ def evaluate_setting(
     if rotations_file is not None and rotation != "learned":
         raise ValueError(f"a rotations file ({rotations_file}) only goes with rotation 'learned', not {rotation!r}")
     if w_method == "gptq" and (calib_blocks is None or calib_blocks.numel() == 0):
-        raise ValueError("GPTQ needs calibration data: pass calib_blocks (CLI: --calib-data FILE), or use --w-method rtn")
+        raise ValueError(
+            "GPTQ needs calibration data: pass calib_blocks (CLI: --calib-data FILE), or use --w-method rtn"
+        )
     source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
 
     model, path = _load(model_path_or_model, dtype)
@@ -288,10 +313,12 @@ def evaluate_setting(
 
         kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
         hooks = wrap_model(model, quant=QuantSettings(), r3=use_r3, r4=use_r4, r4_in_weights=False)
-        errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
-        hooks.remove()
+        try:
+            errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
+        finally:
+            hooks.remove()
         settings["gptq"] = {**kw, "nsamples": int(calib_blocks.shape[0]), "seqlen": int(calib_blocks.shape[1]),
-                            "layers_quantized": len(errors)}
+                            "layers_quantized": len(errors), "rtn_fallback": _rtn_bare_weights(model, quant.w)}
         eval_quant = QuantSettings(w=QuantSpec(bits=16), a=quant.a, kv=quant.kv, lm_head=quant.lm_head)
     else:
         eval_quant = quant

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layout import Layout, LayoutError, Placement, Target, addressable_targets, match_pattern, no_match_error
-from .rotations import rotate_axis
+from .rotations import rotate_axis_fast, signed_hadamard_signs
 
 
 def _text_configs(config):
@@ -94,9 +94,11 @@ def fuse_norm_into(info: NormInfo, readers: list[Target], use_float64: bool) -> 
         if t.in_axis is None:
             raise LayoutError(f"{t.name!r} cannot take a norm's scale: it has no input side")
         w = t.weight
-        work = w.detach().double() if use_float64 else w.detach().float()
         if bias is not None and not keep_bias:
+            work = w.detach().double() if use_float64 else w.detach().float()
             t.bias.copy_((t.bias.detach().to(work.dtype) + work @ bias.to(work.dtype)).to(t.bias.dtype))
+        # A single product is correctly rounded in float32 already, so float64 would change nothing here.
+        work = w.detach().double() if w.dtype == torch.float64 else w.detach().float()
         w.copy_((work * scale.to(work.dtype)).to(w.dtype))
     norm.weight.fill_(0.0 if info.plus_one else 1.0)
     if keep_bias:
@@ -180,13 +182,30 @@ def center_writers(writers: list[Target], use_float64: bool) -> None:
 
 @torch.no_grad()
 def fold_rotations(placements: list[Placement], matrices: dict[str, torch.Tensor], use_float64: bool) -> None:
-    """Write every placement's matrix into its tensor: ``axis <- axis @ R`` (biases on the output side too)."""
+    """Write every placement's matrix into its tensor: ``axis <- axis @ R`` (biases on the output side too).
+
+    Each tensor is converted once and gets all its matrices in one go; signed Hadamard matrices (the
+    hadamard / base_hadamard modes) use the fast transform instead of a dense product."""
+    dtype = torch.float64 if use_float64 else torch.float32
+    prepared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    by_tensor: dict[int, list[Placement]] = {}
     for p in placements:
-        r = matrices[p.instance]
-        t = p.target
-        axis = t.in_axis if p.side == "input" else t.out_axis
-        dtype = torch.float64 if use_float64 else torch.float32
-        rr = r.to(device=t.weight.device, dtype=dtype)
-        t.weight.copy_(rotate_axis(t.weight.detach().to(dtype), rr, axis).to(t.weight.dtype))
-        if p.side == "output" and t.bias is not None:
-            t.bias.copy_(rotate_axis(t.bias.detach().to(dtype), rr, -1).to(t.bias.dtype))
+        by_tensor.setdefault(id(p.target.weight), []).append(p)
+        if p.instance not in prepared:
+            r = matrices[p.instance].to(dtype=dtype)
+            prepared[p.instance] = (r, signed_hadamard_signs(r))
+    for group in by_tensor.values():
+        t = group[0].target
+        device = t.weight.device
+        w = t.weight.detach().to(dtype)
+        b = t.bias.detach().to(dtype) if t.bias is not None else None
+        for p in group:
+            r, signs = prepared[p.instance]
+            r, signs = r.to(device), signs.to(device) if signs is not None else None
+            axis = t.in_axis if p.side == "input" else t.out_axis
+            w = rotate_axis_fast(w, r, axis, signs)
+            if p.side == "output" and b is not None:
+                b = rotate_axis_fast(b, r, -1, signs)
+        t.weight.copy_(w.to(t.weight.dtype))
+        if b is not None:
+            t.bias.copy_(b.to(t.bias.dtype))

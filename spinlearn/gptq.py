@@ -321,7 +321,8 @@ def gptq_quantize_model(
         )
     if calib_blocks.dim() != 2 or calib_blocks.dtype != torch.long:
         raise ValueError(
-            f"calib_blocks must be a LongTensor [nsamples, seqlen], got {calib_blocks.dtype} {tuple(calib_blocks.shape)}"
+            "calib_blocks must be a LongTensor [nsamples, seqlen], "
+            f"got {calib_blocks.dtype} {tuple(calib_blocks.shape)}"
         )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
     if not linears:

@@ -228,11 +228,20 @@ class Target:
     module: nn.Module | None = None
 
 
+BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a model during training
+
+
 def addressable_targets(model: nn.Module) -> dict[str, Target]:
-    """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters."""
+    """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters (never the
+    rotation matrices themselves)."""
     targets: dict[str, Target] = {}
     owned: set[int] = set()
+    bank = getattr(model, BANK_ATTR, None)
+    if isinstance(bank, nn.Module):
+        owned.update(id(p) for p in bank.parameters())
     for name, mod in model.named_modules():
+        if name.split(".")[0] == BANK_ATTR:
+            continue
         if isinstance(mod, nn.Embedding):
             targets[name] = Target(name, mod.weight, None, None, -1, mod)
             owned.add(id(mod.weight))

@@ -58,7 +58,7 @@ def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = 
         model = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
         )
-    except OSError as e:  # e.g. no weights file: transformers' message is clear, but it is not a traceback
+    except OSError as e:  # e.g. no weights file: a user error (exit 2 in the CLI), not a traceback
         raise FileNotFoundError(f"cannot load the model in {str(path)!r}: {e}") from e
     if device:
         model.to(device)

@@ -61,6 +61,37 @@ def rotate_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
     return y.movedim(-1, axis)
 
 
+def signed_hadamard_signs(r: torch.Tensor) -> torch.Tensor | None:
+    """If ``r == diag(s) @ H`` (H = hadamard_matrix(n)), return s; else None. Lets folding use the
+    O(n log n) transform instead of a dense product for the hadamard / base_hadamard modes."""
+    from .hadamard import hadamard_matrix, supported_order
+
+    n = r.shape[0]
+    if r.ndim != 2 or not supported_order(n):
+        return None
+    h = hadamard_matrix(n, dtype=r.dtype, device=r.device)
+    s = torch.sign(r[:, 0]) * torch.sign(h[:, 0])
+    if not torch.allclose(s[:, None] * h, r, rtol=0, atol=1e-12 if r.dtype == torch.float64 else 1e-6):
+        return None
+    return s
+
+
+def rotate_axis_fast(t: torch.Tensor, r: torch.Tensor, axis: int, signs: torch.Tensor | None) -> torch.Tensor:
+    """rotate_axis, using ``x @ diag(s) H = fht(x * s)`` when the signs of a signed Hadamard are given."""
+    if signs is None:
+        return rotate_axis(t, r, axis)
+    from .hadamard import fast_hadamard_transform
+
+    d = r.shape[0]
+    x = t.movedim(axis, -1)
+    n = x.shape[-1]
+    if n % d:
+        raise ValueError(f"a {d}x{d} rotation does not divide axis {axis} of size {n} (shape {tuple(t.shape)})")
+    blocks = x.reshape(*x.shape[:-1], n // d, d)
+    y = fast_hadamard_transform(blocks * signs.to(blocks.dtype)).reshape(x.shape)
+    return y.movedim(-1, axis)
+
+
 def orthogonality_error(r: torch.Tensor) -> float:
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
     return (r.transpose(-1, -2) @ r - eye).abs().max().item()

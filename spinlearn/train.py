@@ -19,6 +19,7 @@ from .report import format_table
 from .export import save_model_dir, save_rotations
 from .fusion import fold_rotations
 from .hadamard import fast_hadamard_transform
+from .layout import BANK_ATTR
 from .modeling import check_model_path, load_causal_lm, load_tokenizer
 from .pipeline import make_matrices, prepare_model
 from .quant import QuantSpec
@@ -126,7 +127,7 @@ def run_training(cfg) -> dict:
     bank = RotationBank(make_matrices(plan, mode=cfg.rotation.init, seed=cfg.rotation.seed)).to(state.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.spinlearn_rotations = bank  # registered once; the only trainable parameters
+    setattr(model, BANK_ATTR, bank)  # registered once; the only trainable parameters
     for p in bank.parameters():
         p.requires_grad_(True)
     handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
@@ -161,7 +162,7 @@ def run_training(cfg) -> dict:
 
     # --- fuse: fold the learned matrices into the weights (float64), drop the wrappers ------------------
     handle.remove()
-    del model.spinlearn_rotations
+    delattr(model, BANK_ATTR)
     fold_rotations(plan.placements, learned, plan.layout.use_float64)
     if cfg.rotation.r4:
         fold_r4(model, _r4_modules(model))

@@ -162,7 +162,7 @@ def test_gptq_is_sequential_and_sees_online_r4(setup):
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         ref, _ = gptq_quantize_weight(before[name], _hessian(model, name, calib), spec, act_order=True)
         got = model.get_submodule(name).weight
-        assert torch.isclose(got, ref, rtol=0, atol=1e-5).float().mean() >= 0.98, name
+        assert torch.isclose(got, ref, rtol=0, atol=1e-5).float().mean() >= 0.99, name
     hooks.remove()
 
 

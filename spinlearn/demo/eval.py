@@ -15,7 +15,7 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = N
     """Token ids of ``text`` as a [n_windows, seqlen] tensor; the tail shorter than seqlen is dropped."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2 to predict anything, got {seqlen}")
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

@@ -1,0 +1,197 @@
+"""`spinlearn eval` end to end on a tiny saved model with a locally built tokenizer: perplexities against a
+direct computation, rotation invariance at 16 bits, learned rotations from exports and rotation files, the
+JSON record, and the user errors (exit code 2 with a message that says what is wrong)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from spinlearn.cli import main
+from spinlearn.hadamard import fast_hadamard_transform
+from spinlearn.testing import tiny_model
+from spinlearn.wrappers import ONLINE_KEY
+
+WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree car road sun".split()
+SEQ = 16
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_model(model, dest: Path) -> Path:
+    model.save_pretrained(dest, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = random.Random(0)
+    # One paragraph per file: the tokenized stream is then exactly tokenizer(text).
+    (root / "test.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(8 * SEQ + 5)) + "\n")
+    (root / "train.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(20 * SEQ)) + "\n")
+    model = save_model(tiny_model("llama", initializer_range=0.1), root / "llama")
+    return root, model
+
+
+def run(*argv) -> int:
+    return main(["eval", *map(str, argv)])
+
+
+def eval_json(root: Path, model: Path, *extra, name="out.json") -> dict:
+    out = root / name
+    assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--json", out, *extra) == 0
+    return json.loads(out.read_text())
+
+
+def reference_ppl(model_dir: Path, text_file: Path) -> float:
+    ids = torch.tensor(tiny_tokenizer()(text_file.read_text())["input_ids"])
+    n = ids.numel() // SEQ
+    windows = ids[: n * SEQ].view(n, SEQ)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits.double(), -1)
+    nll = -logp[:, :-1].gather(2, windows[:, 1:, None]).mean().item()
+    return math.exp(nll)
+
+
+def test_float_rotation_invariance_and_json(env, capsys):
+    root, model = env
+    ref = reference_ppl(model, root / "test.txt")
+    none16 = eval_json(root, model)
+    assert none16["ppl"] == pytest.approx(ref, rel=1e-6)
+    assert f"perplexity {none16['ppl']:.4f}" in capsys.readouterr().out
+    s = none16["settings"]
+    for key in ("model", "dtype", "rotation", "layout", "w_method", "r3", "r4", "w", "a", "kv", "lm_head",
+                "eval_windows", "eval_seqlen", "data", "calib_data", "nsamples", "max_windows", "eval_tokens"):
+        assert key in s, key
+    assert s["eval_windows"] == 8 and s["eval_seqlen"] == SEQ and s["rotation"] == "none"
+
+    had16 = eval_json(root, model, "--rotation", "hadamard", "--r3", "--r4", "--seed", 5)
+    assert had16["ppl"] == pytest.approx(ref, rel=1e-4)
+    assert had16["settings"]["seed"] == 5 and had16["settings"]["r3"] and had16["settings"]["r4"]
+
+    w4a4 = eval_json(root, model, "--rotation", "hadamard", "--w-bits", 4, "--a-bits", 4, "--kv-bits", 4,
+                     "--max-windows", 3)
+    assert abs(w4a4["ppl"] / reference_ppl(model, root / "test.txt") - 1) > 1e-3
+    assert w4a4["settings"]["eval_windows"] == 3
+    assert [w4a4["settings"][k]["bits"] for k in ("w", "a", "kv", "lm_head")] == [4, 4, 4, 16]
+
+
+def test_gptq_through_the_cli(env):
+    root, model = env
+    res = eval_json(root, model, "--w-bits", 4, "--w-method", "gptq", "--calib-data", root / "train.txt",
+                    "--nsamples", 6, "--rotation", "hadamard")
+    g = res["settings"]["gptq"]
+    assert g["nsamples"] == 6 and g["seqlen"] == SEQ and g["layers_quantized"] == 14  # 2 layers x 7 linears
+    assert g["rtn_fallback"] == []  # no 3-D expert tensors in a dense model
+    assert res["settings"]["w_method"] == "gptq" and res["settings"]["calib_data"].endswith("train.txt")
+    ref = reference_ppl(model, root / "test.txt")
+    assert math.isfinite(res["ppl"]) and res["ppl"] != pytest.approx(ref, rel=1e-4)
+
+
+def test_learned_rotations(env, tmp_path):
+    root, model = env
+    ref = reference_ppl(model, root / "test.txt")
+    rotated = tmp_path / "rotated"
+    assert main(["rotate", "--model", str(model), "--output", str(rotated), "--mode", "orthogonal"]) == 0
+    quant = ("--w-bits", 4, "--a-bits", 8)
+
+    # An export (rotations.safetensors beside the weights) holds its rotations: nothing is folded again.
+    learned = eval_json(root, rotated, "--rotation", "learned", *quant)
+    assert learned["ppl"] == pytest.approx(eval_json(root, rotated, *quant)["ppl"], rel=1e-9)
+    assert learned["settings"]["rotations_folded"] is False
+    assert eval_json(root, rotated, "--rotation", "learned")["ppl"] == pytest.approx(ref, rel=1e-4)
+
+    # The same matrices folded into the plain model from the file give the same quantized model.
+    from_file = eval_json(root, model, "--rotation", "learned", "--rotations", rotated / "rotations.safetensors",
+                          *quant)
+    assert from_file["ppl"] == pytest.approx(learned["ppl"], rel=1e-3)
+    assert from_file["settings"]["rotations_folded"] is True
+
+
+def test_exported_model_with_online_r4(env, tmp_path):
+    """train_rotations.py layout: OUT/model (R4 folded into down_proj, recorded in config) + OUT/rotations."""
+    root, model = env
+    m = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            w = layer.mlp.down_proj.weight
+            w.copy_(fast_hadamard_transform(w.double()).float())
+    setattr(m.config, ONLINE_KEY, {"r4": {"modules": "*mlp.down_proj"}})
+    save_model(m, tmp_path / "out" / "model")
+    save_file({"r1": torch.eye(64)}, tmp_path / "out" / "rotations.safetensors")  # what the export writes beside it
+    res = eval_json(root, tmp_path / "out" / "model", "--rotation", "learned")
+    assert res["ppl"] == pytest.approx(reference_ppl(model, root / "test.txt"), rel=1e-4)  # the online half is on
+    assert res["settings"]["r4"] is True and res["settings"]["online_recorded"] == ["r4"]
+    assert res["settings"]["rotations_file"].endswith("out/rotations.safetensors")
+
+
+def _corrupt_model(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    data = (dest / "model.safetensors").read_bytes()
+    (dest / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return dest
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["short_data", "bits_low", "bits_high", "learned_plain", "corrupt_model", "missing_rotations",
+     "garbage_rotations", "gptq_no_calib", "rotations_without_learned", "rotations_on_export"],
+)
+def test_user_errors(env, tmp_path, capsys, case):
+    root, model = env
+    data = root / "test.txt"
+    args = ["--model", model, "--data", data, "--seqlen", SEQ]
+    n_tokens = len(tiny_tokenizer()(data.read_text())["input_ids"])
+    expected = {
+        "short_data": (["--seqlen", 10_000], f"has {n_tokens} tokens"),
+        "bits_low": (["--w-bits", 1], "--w-bits 1 is out of range"),
+        "bits_high": (["--kv-bits", 17], "--kv-bits 17 is out of range"),
+        "learned_plain": (["--rotation", "learned"], "--rotation learned needs a model exported by train_rotations.py"),
+        "missing_rotations": (["--rotation", "learned", "--rotations", tmp_path / "missing.safetensors"],
+                              "missing.safetensors"),
+        "gptq_no_calib": (["--w-method", "gptq", "--w-bits", 4], "needs calibration data"),
+        "rotations_without_learned": (["--rotation", "hadamard", "--rotations", tmp_path / "r.safetensors"],
+                                      "--rotations goes with --rotation learned"),
+    }
+    if case == "corrupt_model":
+        args[1] = _corrupt_model(model, tmp_path / "bad")
+        extra, message = [], str(tmp_path / "bad" / "model.safetensors")
+    elif case == "garbage_rotations":
+        (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file at all")
+        extra = ["--rotation", "learned", "--rotations", tmp_path / "garbage.safetensors"]
+        message = "garbage.safetensors"
+    elif case == "rotations_on_export":
+        rotated = tmp_path / "rotated"
+        assert main(["rotate", "--model", str(model), "--output", str(rotated)]) == 0
+        (tmp_path / "other.safetensors").write_bytes((rotated / "rotations.safetensors").read_bytes())
+        args[1] = rotated
+        extra = ["--rotation", "learned", "--rotations", tmp_path / "other.safetensors"]
+        message = "already has rotations"
+    else:
+        extra, message = expected[case]
+    capsys.readouterr()
+    assert run(*args, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spinlearn eval: error:") and message in err, err
