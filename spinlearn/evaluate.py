@@ -13,7 +13,6 @@ Online Hadamards recorded in a model's config are part of its function and are a
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .quant import QuantSpec
-from .wrappers import ONLINE_KEY, R4_PATTERN, QuantSettings, wrap_model
+from .wrappers import ONLINE_KEY, QuantSettings, fold_r4, wrap_model
 
 ROTATIONS_FILE = "rotations.safetensors"
 ROTATIONS = ("none", "hadamard", "learned")
@@ -122,30 +121,6 @@ def apply_rotations_file(
 
 
 # --------------------------------------------------------------------------------------------- one setting
-def _r4_linears(model: nn.Module) -> list[nn.Linear]:
-    globs = R4_PATTERN.split("|")
-    return [
-        m for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)
-    ]
-
-
-@torch.no_grad()
-def _fold_r4(model: nn.Module) -> int:
-    """W <- W H on every R4 target; the online half (x -> x H) is installed by wrap_model(r4_in_weights=False)."""
-    from .hadamard import fast_hadamard_transform, supported_order
-
-    lins = _r4_linears(model)
-    if not lins:
-        raise ValueError(f"--r4 is on but no module matches {R4_PATTERN!r}")
-    for lin in lins:
-        if not supported_order(lin.in_features):
-            raise ValueError(f"R4: no Hadamard transform of order {lin.in_features} (down_proj input width)")
-    for lin in lins:
-        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
-    return len(lins)
-
-
 def check_safetensors(model_dir: str | Path) -> None:
     """Raise ValueError naming the first weights file in ``model_dir`` whose safetensors header is unreadable
     (cheap: headers only; transformers' own error does not say which file)."""
@@ -304,7 +279,7 @@ def evaluate_setting(
     use_r3 = bool(r3) or "r3" in online
     use_r4 = bool(r4) or "r4" in online
     if use_r4 and "r4" not in online:
-        _fold_r4(model)
+        fold_r4(model)
     settings.update(r3=use_r3, r4=use_r4, online_recorded=sorted(online))
 
     # --- weights: GPTQ on the rotated float model (online R4 hook installed, activations float) -------------

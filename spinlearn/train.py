@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .pipeline import make_matrices, prepare_model
 from .quant import QuantSpec
 from .rotations import RotationBank
 from .wrappers import ONLINE_KEY, QuantSettings, online_rotation_record, wrap_model
+
+DUMP_RANKS_ENV = "SPINLEARN_DUMP_RANK_ROTATIONS"
 
 
 def _log(msg: str, main: bool) -> None:
@@ -66,6 +69,60 @@ def _r4_modules(model: nn.Module) -> list[str]:
             and any(fnmatch.fnmatchcase(n, g) for g in R4_PATTERN.split("|"))]
 
 
+def check_online_hadamards(model: nn.Module, *, r3: bool, r4: bool) -> None:
+    """Refuse, before any work, widths the online Hadamards (R3 over head_dim, R4 over down_proj's input)
+    cannot handle; the wrappers would only find out after the baseline evaluations."""
+    from .hadamard import supported_order
+    from .wrappers import _attention_modules
+
+    if r3:
+        for name, mod in _attention_modules(model):
+            hd = int(mod.head_dim)
+            if not supported_order(hd):
+                raise ValueError(
+                    f"rotation.r3: the online Hadamard transform has no order {hd} (head_dim of {name!r}); "
+                    "supported orders are 2^m times 1, 12, 20, 28, 36, ... (see spinlearn.hadamard.supported_order). "
+                    "Set rotation.r3=false for this model"
+                )
+    if r4:
+        for name in _r4_modules(model):
+            width = model.get_submodule(name).weight.shape[-1]
+            if not supported_order(width):
+                raise ValueError(
+                    f"rotation.r4: the online Hadamard transform has no order {width} (input width of {name!r}); "
+                    "set rotation.r4=false for this model"
+                )
+
+
+def _dump_rank_rotations(matrices: dict[str, torch.Tensor], process_index: int) -> None:
+    """Test hook: with SPINLEARN_DUMP_RANK_ROTATIONS=DIR every rank writes the matrices it holds after training to
+    DIR/rank{i}.safetensors, so that a multi-process run can be checked for ranks that drifted apart."""
+    target = os.environ.get(DUMP_RANKS_ENV)
+    if not target:
+        return
+    from safetensors.torch import save_file
+
+    Path(target).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu().contiguous() for k, v in matrices.items()}, str(Path(target) / f"rank{process_index}.safetensors"))
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint (one holding the rotations) under output_dir, or None."""
+    from .trainer import ROTATIONS_FILE
+
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if (p / ROTATIONS_FILE).is_file()]
+    ckpts.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+    return str(ckpts[-1]) if ckpts else None
+
+
+def _finish_wandb(previous_run, exit_code: int) -> None:
+    """Close the wandb run the Trainer opened (if any), so that a later run in the same process gets its own."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None and run is not previous_run:
+        wandb.finish(exit_code=exit_code)
+
+
 def _default_wandb_offline(cfg) -> None:
     """wandb with no account and no mode set fails (or hangs without network): default to offline runs."""
     report = list(cfg.train.report_to or [])
@@ -85,16 +142,18 @@ def run_training(cfg) -> dict:
     from .trainer import NonFiniteLossError, RotationTrainer
 
     _default_wandb_offline(cfg)
-    state = PartialState()
-    main = state.is_main_process
     t_start = time.perf_counter()
     out = _check_output_dir(cfg)
     check_model_path(cfg.model.path)
+    # TrainingArguments sets up the process group (gloo on CPU, NCCL on GPUs) under `accelerate launch`. A
+    # PartialState made before it describes a single process, in which every rank is "main" and all of them would
+    # write the export at once.
+    args = TrainingArguments(**training_arguments_kwargs(cfg))
+    state = PartialState()
+    main = state.is_main_process
     torch.manual_seed(cfg.train.seed)
 
-    # --- setup: model, data --------------------------------------------------------------------------------
-    model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    model.to(state.device)
+    # --- setup: data first (bad data sources fail before the model is loaded), then the model ----------------
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train_ids = tokenize_concat(load_text(cfg.data.train, split="train", text_field=cfg.data.text_field), tokenizer)
     blocks = calibration_blocks(train_ids, cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed)
@@ -105,6 +164,9 @@ def run_training(cfg) -> dict:
         if cfg.data.eval_max_windows:
             windows = windows[: cfg.data.eval_max_windows]
         windows = windows.to(state.device)
+    model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model.to(state.device)
+    check_online_hadamards(model, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
     qtrain = QuantSettings.from_recipe(cfg.quant)
     metrics: dict = {"model": str(cfg.model.path), "rows": {}}
 
@@ -116,10 +178,10 @@ def run_training(cfg) -> dict:
 
     # --- baselines on the untouched model ------------------------------------------------------------------
     if windows is not None:
-        ppl("float")
+        metrics["ppl_float"] = ppl("float")
         if cfg.eval.baselines:
             h = wrap_model(model, quant=qtrain)
-            ppl(f"{_qname(qtrain)} RTN, no rotation")
+            metrics["ppl_quant_no_rotation"] = ppl(f"{_qname(qtrain)} RTN, no rotation")
             h.remove()
 
     # --- rotations as Stiefel parameters, wrappers, training ---------------------------------------------
@@ -132,24 +194,29 @@ def run_training(cfg) -> dict:
         p.requires_grad_(True)
     handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
     if windows is not None:
-        ppl(f"{_qname(qtrain)} RTN, {cfg.rotation.init} rotation (before training)")
+        metrics["ppl_quant_before"] = ppl(f"{_qname(qtrain)} RTN, {cfg.rotation.init} rotation (before training)")
 
-    args = TrainingArguments(**training_arguments_kwargs(cfg))
     trainer = RotationTrainer(
         model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=bank,
         rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
         kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight,
     )
+    wandb_before = getattr(sys.modules.get("wandb"), "run", None)
     t_train = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=cfg.train.resume_from_checkpoint or None)
     except NonFiniteLossError as e:
-        ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        last = str(ckpts[-1]) if ckpts else "none yet"
-        raise RuntimeError(f"{e}. Last good checkpoint: {last}") from e
+        _finish_wandb(wandb_before, exit_code=1)
+        last = _last_checkpoint(args.output_dir)
+        hint = f"resume with train.resume_from_checkpoint={last}" if last else "no checkpoint was saved before it"
+        raise RuntimeError(f"{e}. Last good checkpoint: {last or 'none'} ({hint})") from e
+    except BaseException:
+        _finish_wandb(wandb_before, exit_code=1)
+        raise
     train_time = time.perf_counter() - t_train
     trainer.finalize_rotations()
     learned = {k: v.double().cpu() for k, v in bank.matrices().items()}
+    _dump_rank_rotations(bank.matrices(), state.process_index)
     metrics.update(
         steps=int(trainer.state.global_step),
         train_time_s=round(train_time, 2),
@@ -175,11 +242,10 @@ def run_training(cfg) -> dict:
         from .wrappers import apply_online_rotations
 
         h = apply_online_rotations(model, qtrain)
-        ppl(f"{_qname(qtrain)} RTN, learned rotation")
+        metrics["ppl_quant_after"] = ppl(f"{_qname(qtrain)} RTN, learned rotation")
         h.remove()
 
     # --- export (main process only) ----------------------------------------------------------------------
-    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         tmp_model = out / ".model.tmp"
@@ -208,6 +274,8 @@ def run_training(cfg) -> dict:
         if h is not None:
             h.remove()
 
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    _finish_wandb(wandb_before, exit_code=0)
     if main:
         _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         table = format_table(metrics)

@@ -9,6 +9,7 @@ rotations and the optimizer state (momentum included) as safetensors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -69,13 +70,15 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str,
 
 
 class RotationLogger(TrainerCallback):
-    """Adds orthogonality error, rotation gradient norm and tokens/s to the Trainer's logs."""
+    """Keeps what the rotation log fields need: the clipped rotation gradient norm and the training start time.
+
+    The fields themselves are added in ``RotationTrainer.log``: a callback's ``on_log`` runs after the Trainer has
+    stored the entry and after the reporting callbacks (wandb) have sent it, so additions there are lost."""
 
     def __init__(self, trainer: RotationTrainer):
         self.trainer = trainer
         self.grad_norm = float("nan")
-        self.t0 = None
-        self.tokens = 0
+        self.t0: float | None = None
 
     def on_step_begin(self, args, state, control, **kw):
         if self.t0 is None:
@@ -84,15 +87,6 @@ class RotationLogger(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kw):
         grads = [p.grad for p in self.trainer.bank.parameters() if p.grad is not None]
         self.grad_norm = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs is None or "loss" not in logs:
-            return
-        logs["rot_grad_norm"] = self.grad_norm
-        logs["max_orth_error"] = self.trainer.bank.max_orthogonality_error()
-        elapsed = time.perf_counter() - (self.t0 or time.perf_counter())
-        if elapsed > 0:
-            logs["tokens_per_s"] = self.trainer.tokens_seen / elapsed
 
 
 class RotationTrainer(Trainer):
@@ -111,7 +105,8 @@ class RotationTrainer(Trainer):
         self.tokens_seen = 0
         # Our loss is a per-batch mean: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self.add_callback(RotationLogger(self))
+        self.rotation_logger = RotationLogger(self)
+        self.add_callback(self.rotation_logger)
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -137,15 +132,38 @@ class RotationTrainer(Trainer):
                 reduction="batchmean",
             )
             loss = loss + self.kl_weight * kl
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach()))
+        if not self._all_ranks_finite(loss):
+            local = float(loss.detach())  # finite here when another rank hit the non-finite loss
+            raise NonFiniteLossError(self.state.global_step + 1, local if not math.isfinite(local) else float("nan"))
         return (loss, outputs) if return_outputs else loss
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank. Under DDP a rank that stopped alone would leave the others
+        waiting in the gradient all-reduce forever, so every rank learns about a non-finite loss anywhere."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training-step entries only (not the final summary)
+            logs["rot_grad_norm"] = self.rotation_logger.grad_norm
+            logs["max_orth_error"] = self.bank.max_orthogonality_error()
+            t0 = self.rotation_logger.t0
+            elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+            if elapsed > 0:
+                logs["tokens_per_s"] = self.tokens_seen / elapsed
+        super().log(logs, start_time)
 
     # -- checkpoints: rotations + optimizer state as safetensors ---------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # every rank calls this; only the main one writes
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_file({n: m.contiguous() for n, m in self.bank.matrices().items()}, os.path.join(output_dir, ROTATIONS_FILE))
+        save_file({n: m.cpu().contiguous() for n, m in self.bank.matrices().items()},
+                  os.path.join(output_dir, ROTATIONS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, ROTATIONS_FILE)

@@ -106,6 +106,35 @@ def _head_dim(mod) -> int:
     return int(mod.head_dim)
 
 
+def r4_linear_names(model: nn.Module) -> list[str]:
+    """The Linear modules whose input gets the online R4 Hadamard (down_proj and its cousins)."""
+    globs = R4_PATTERN.split("|")
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+
+def check_r4(model: nn.Module) -> list[str]:
+    names = r4_linear_names(model)
+    if not names:
+        raise ValueError(f"rotation.r4 / --r4 is on but no module matches {R4_PATTERN!r}")
+    for n in names:
+        width = model.get_submodule(n).in_features
+        if not supported_order(width):
+            raise ValueError(f"R4: no Hadamard transform of order {width} for {n!r} (its input width)")
+    return names
+
+
+@torch.no_grad()
+def fold_r4(model: nn.Module) -> list[str]:
+    """W <- W H (float64) on every R4 module; the online half x -> x H is installed by
+    ``wrap_model(..., r4=True, r4_in_weights=False)`` or ``apply_online_rotations``."""
+    names = check_r4(model)
+    for n in names:
+        lin = model.get_submodule(n)
+        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
+    return names
+
+
 def _online_in_hook(module, args, kwargs):
     return (fast_hadamard_transform(args[0]), *args[1:]), kwargs
 
@@ -174,16 +203,7 @@ def wrap_model(
         for p in plan.placements:
             entry = sides.setdefault(id(p.target.weight), {"target": p.target, "input": None, "output": None})
             entry[p.side] = p.instance
-    r4_names = set()
-    if r4:
-        r4_names = {n for n, t in targets.items() if t.module is not None and isinstance(t.module, nn.Linear)
-                    and any(fnmatch.fnmatchcase(n, g) for g in R4_PATTERN.split("|"))}
-        if not r4_names:
-            raise ValueError(f"rotation.r4 is on but no module matches {R4_PATTERN!r}")
-        for n in r4_names:
-            width = targets[n].weight.shape[-1]
-            if not supported_order(width):
-                raise ValueError(f"R4: no Hadamard transform of order {width} for {n!r} (its input width)")
+    r4_names = set(check_r4(model)) if r4 else set()
 
     for name, t in targets.items():
         is_head = lm_head is not None and t.module is lm_head
@@ -240,9 +260,7 @@ def online_rotation_record(model: nn.Module, r3: bool, r4: bool) -> dict:
     """What a serving engine must apply online (stored in the exported config under ONLINE_KEY)."""
     rec: dict = {}
     if r4:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                 and any(fnmatch.fnmatchcase(n, g) for g in R4_PATTERN.split("|"))]
-        rec["r4"] = {"modules": R4_PATTERN, "count": len(names), "side": "input",
+        rec["r4"] = {"modules": R4_PATTERN, "count": len(r4_linear_names(model)), "side": "input",
                      "transform": "x @ H (normalized Hadamard, spinlearn.hadamard.hadamard_matrix(n))"}
     if r3:
         rec["r3"] = {"where": "query and key states after RoPE", "transform": "q @ H, k @ H over head_dim"}

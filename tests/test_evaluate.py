@@ -150,9 +150,9 @@ def test_gptq_is_sequential_and_sees_online_r4(setup):
     quantized layers before it, taken after the online R4 hook (so x H, not x, for down_proj)."""
     _, calib, _ = setup
     model = fresh(setup)
-    from spinlearn.evaluate import _fold_r4
+    from spinlearn.wrappers import fold_r4
 
-    _fold_r4(model)
+    fold_r4(model)
     hooks = wrap_model(model, quant=QuantSettings(), r4=True, r4_in_weights=False)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     spec = QuantSpec(bits=3)

@@ -1,0 +1,79 @@
+"""Print the rotation results table for any model and data: float, RTN without rotation, random Hadamard,
+learned (from a train_rotations.py output) and W4A16 GPTQ after learned rotations.
+
+    python launch/bench_table.py --model spinlearn/demo/model --data spinlearn/demo/data/test.txt \
+        --calib-data spinlearn/demo/data/train.txt --learned runs/demo [--seqlen 256] [--max-windows 64]
+
+Every row goes through `spinlearn.evaluate.evaluate_setting`, the same code as `spinlearn eval`. Without
+--learned the learned rows are skipped. Writes the table to --out (Markdown) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the original (unrotated) model directory")
+    ap.add_argument("--data", required=True, help="evaluation text (file/glob or hub name)")
+    ap.add_argument("--calib-data", default=None, help="calibration text for GPTQ (needed for the GPTQ row)")
+    ap.add_argument("--learned", default=None, help="output_dir of launch/train_rotations.py (holds model/)")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", type=int, default=4)
+    ap.add_argument("--kv-bits", type=int, default=4)
+    ap.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows")
+    ap.add_argument("--layout", default="transformer_universal")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the Markdown table here too")
+    args = ap.parse_args(argv)
+
+    from spinlearn.data import calibration_blocks, eval_windows, load_text, tokenize_concat
+    from spinlearn.evaluate import evaluate_setting
+    from spinlearn.modeling import load_tokenizer
+    from spinlearn.quant import QuantSpec
+    from spinlearn.report import format_table
+    from spinlearn.wrappers import QuantSettings
+
+    tok = load_tokenizer(args.model)
+    windows = eval_windows(tokenize_concat(load_text(args.data, split="test"), tok), args.seqlen)
+    windows = windows[: args.max_windows]
+    calib = None
+    if args.calib_data:
+        ids = tokenize_concat(load_text(args.calib_data, split="train"), tok)
+        calib = calibration_blocks(ids, args.nsamples, args.seqlen, args.seed)
+    q = QuantSettings(w=QuantSpec(args.w_bits), a=QuantSpec(args.a_bits, sym=False), kv=QuantSpec(args.kv_bits, sym=False))
+    qname = f"W{args.w_bits}A{args.a_bits}KV{args.kv_bits}"
+    rows = {}
+
+    def row(label, model, **kw):
+        t0 = time.perf_counter()
+        rows[label] = evaluate_setting(model, windows, layout=args.layout, seed=args.seed, **kw)["ppl"]
+        print(f"{label}: {rows[label]:.3f} [{time.perf_counter() - t0:.1f}s]", flush=True)
+
+    row("float", args.model, rotation="none", quant=QuantSettings())
+    row(f"{qname} RTN, no rotation", args.model, rotation="none", quant=q)
+    row(f"{qname} RTN, random Hadamard rotation", args.model, rotation="hadamard", quant=q)
+    if args.learned:
+        learned_model = str(Path(args.learned) / "model")
+        row(f"{qname} RTN, learned rotation", learned_model, rotation="learned", quant=q)
+        if calib is not None:
+            a16 = QuantSettings(w=QuantSpec(args.w_bits))
+            row(f"W{args.w_bits}A16 GPTQ, learned rotation", learned_model, rotation="learned", quant=a16,
+                w_method="gptq", calib_blocks=calib)
+    table = format_table({"model": args.model, "rows": rows})
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

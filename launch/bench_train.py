@@ -1,0 +1,184 @@
+"""One rotation-training step against a plain float forward+backward: time and peak memory, on CPU.
+
+    python launch/bench_train.py                        # ~20M Llama, seqlen 512 and 2048, batch 1, 1 thread
+    python launch/bench_train.py --seqlens 512 --profile  # also: where the rotation step spends its time
+
+The model is a ~20M-parameter Llama built from a config (hidden 256, 4 layers, 8 heads / 2 KV heads, MLP 1024,
+vocab 32000, untied lm_head), random weights, batch 1. Each measurement runs in its own child process (model
+build, one warm-up step, then the median of --repeats timed steps), so that its peak RSS (VmHWM) is its own:
+
+  * float fwd+bwd      the standard baseline: every weight requires grad, loss.backward() computes all weight
+                       gradients (no optimizer). The rotation step needs the same passes: the gradient of every
+                       rotated weight R_out^T W R_in must be formed to reach the rotations.
+  * float fwd+bwd, emb only requires_grad on the input embedding only: backprop through the whole network but
+                       (almost) no weight gradients; a lower bound, shown for reference.
+  * rotation step      what RotationTrainer does per step: W4A4KV4 fake quantization (weights per channel,
+                       activations per token, K/V per head), R1 + per-layer R2 computed into the weights on the
+                       fly, online R3/R4 Hadamards, CE loss, backward to the rotations, gradient clipping at 1.0
+                       and a Cayley SGD step (with the per-step polar re-orthonormalisation).
+
+Target (issue): rotation step <= 1.5x the float fwd+bwd in time and in peak memory at seqlen 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("float", "float_emb", "rotation")
+MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def build_model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**MODEL)).eval()
+
+
+def make_step(mode: str, model, ids, r3: bool, r4: bool):
+    """A closure running one step of `mode` on `model` (prepared as that mode needs)."""
+    import torch
+
+    if mode in ("float", "float_emb"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(mode == "float" or name == "model.embed_tokens.weight")
+
+        def step() -> float:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return step
+
+    from spinlearn.layout import BANK_ATTR
+    from spinlearn.pipeline import make_matrices, prepare_model
+    from spinlearn.quant import QuantSpec
+    from spinlearn.rotations import RotationBank
+    from spinlearn.trainer import make_optimizer
+    from spinlearn.wrappers import QuantSettings, wrap_model
+
+    plan = prepare_model(model, "transformer_universal")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bank = RotationBank(make_matrices(plan, mode="hadamard", seed=0))
+    setattr(model, BANK_ATTR, bank)
+    quant = QuantSettings(w=QuantSpec(bits=4), a=QuantSpec(bits=4, sym=False), kv=QuantSpec(bits=4, sym=False))
+    wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, r4=r4)
+    params = list(bank.parameters())
+    opt = make_optimizer("cayley_sgd", params, lr=1.5, momentum=0.9)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # the Trainer's max_grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def child(spec: dict) -> dict:
+    """Runs in a fresh process: build, warm up, time `repeats` steps; report times and memory."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    model = build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, MODEL["vocab_size"], (1, spec["seqlen"]), generator=torch.Generator().manual_seed(0))
+    step = make_step(spec["mode"], model, ids, spec["r3"], spec["r4"])
+    rss_ready = _status_mb("VmRSS")
+    step()  # warm-up (allocator, one-time setup)
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    out = {"median_s": statistics.median(times), "times_s": times, "peak_mb": _status_mb("VmHWM"),
+           "ready_mb": rss_ready, "params": n_params}
+    if spec.get("profile"):
+        out["profile"] = profile_step(step)
+    return out
+
+
+def profile_step(step, rows: int = 18) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def measure(mode: str, seqlen: int, args) -> dict:
+    spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
+                r4=not args.no_r4, profile=args.profile and mode == "rotation")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} at seqlen {seqlen} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-r3", action="store_true", help="rotation step without the online R3 Hadamard")
+    parser.add_argument("--no-r4", action="store_true", help="rotation step without the online R4 Hadamard")
+    parser.add_argument("--profile", action="store_true", help="print the rotation step's top ops (torch.profiler)")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    results: dict = {}
+    for seqlen in args.seqlens:
+        for mode in MODES:
+            r = measure(mode, seqlen, args)
+            results[f"{mode}@{seqlen}"] = r
+            print(f"# {mode:9s} seqlen {seqlen:5d}: median {r['median_s']:.3f} s "
+                  f"({', '.join(f'{t:.3f}' for t in r['times_s'])}), peak RSS {r['peak_mb']:.0f} MiB", flush=True)
+            if "profile" in r:
+                print(r["profile"], flush=True)
+
+    params = next(iter(results.values()))["params"]
+    online = "+".join(x for x, off in (("R3", args.no_r3), ("R4", args.no_r4)) if not off) or "no"
+    print(f"\nLlama {params / 1e6:.1f}M params (hidden 256, 4 layers, GQA 8/2 heads, vocab 32000), batch 1, "
+          f"{args.threads} thread(s), median of {args.repeats} steps; rotation step = W4A4KV4, R1+R2 learned, "
+          f"{online} online Hadamards, Cayley SGD. Peak = VmHWM of the measuring process.\n")
+    print("| seqlen | float fwd+bwd | float fwd+bwd (emb grad only) | rotation step | time ratio | "
+          "peak RSS float | peak RSS rotation | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seqlen in args.seqlens:
+        f, e, r = (results[f"{m}@{seqlen}"] for m in MODES)
+        print(f"| {seqlen} | {f['median_s']:.3f} s | {e['median_s']:.3f} s | {r['median_s']:.3f} s | "
+              f"{r['median_s'] / f['median_s']:.2f}x | {f['peak_mb']:.0f} MiB | {r['peak_mb']:.0f} MiB | "
+              f"{r['peak_mb'] / f['peak_mb']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
