@@ -14,18 +14,24 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .report import format_table
 from .export import save_model_dir, save_rotations
 from .fusion import fold_rotations
-from .hadamard import fast_hadamard_transform
 from .layout import BANK_ATTR
 from .modeling import check_model_path, load_causal_lm, load_tokenizer
 from .pipeline import make_matrices, prepare_model
 from .quant import QuantSpec
+from .report import format_table
 from .rotations import RotationBank
-from .wrappers import ONLINE_KEY, QuantSettings, online_rotation_record, wrap_model
+from .wrappers import (
+    ONLINE_KEY,
+    QuantSettings,
+    apply_online_rotations,
+    check_online_hadamards,
+    fold_r4,
+    online_rotation_record,
+    wrap_model,
+)
 
 DUMP_RANKS_ENV = "SPINLEARN_DUMP_RANK_ROTATIONS"
 
@@ -50,48 +56,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-@torch.no_grad()
-def fold_r4(model: nn.Module, wrapped_names: list[str]) -> None:
-    """Fold the online Hadamard's transpose side into down_proj weights: W <- W H (in float64)."""
-    for name in wrapped_names:
-        lin = model.get_submodule(name)
-        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
-
-
-def _r4_modules(model: nn.Module) -> list[str]:
-    import fnmatch
-
-    from .wrappers import R4_PATTERN
-
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and any(fnmatch.fnmatchcase(n, g) for g in R4_PATTERN.split("|"))]
-
-
-def check_online_hadamards(model: nn.Module, *, r3: bool, r4: bool) -> None:
-    """Refuse, before any work, widths the online Hadamards (R3 over head_dim, R4 over down_proj's input)
-    cannot handle; the wrappers would only find out after the baseline evaluations."""
-    from .hadamard import supported_order
-    from .wrappers import _attention_modules
-
-    if r3:
-        for name, mod in _attention_modules(model):
-            hd = int(mod.head_dim)
-            if not supported_order(hd):
-                raise ValueError(
-                    f"rotation.r3: the online Hadamard transform has no order {hd} (head_dim of {name!r}); "
-                    "supported orders are 2^m times 1, 12, 20, 28, 36, ... (see spinlearn.hadamard.supported_order). "
-                    "Set rotation.r3=false for this model"
-                )
-    if r4:
-        for name in _r4_modules(model):
-            width = model.get_submodule(name).weight.shape[-1]
-            if not supported_order(width):
-                raise ValueError(
-                    f"rotation.r4: the online Hadamard transform has no order {width} (input width of {name!r}); "
-                    "set rotation.r4=false for this model"
-                )
 
 
 def _dump_rank_rotations(matrices: dict[str, torch.Tensor], process_index: int) -> None:
@@ -194,7 +158,7 @@ def run_training(cfg) -> dict:
         p.requires_grad_(True)
     handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
     if windows is not None:
-        metrics["ppl_quant_before"] = ppl(f"{_qname(qtrain)} RTN, {cfg.rotation.init} rotation (before training)")
+        metrics["ppl_quant_before"] = ppl(f"{_qname(qtrain)} RTN, {INIT_LABELS[cfg.rotation.init]} rotation")
 
     trainer = RotationTrainer(
         model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=bank,
@@ -224,23 +188,19 @@ def run_training(cfg) -> dict:
         final_train_loss=float(result.training_loss),
         max_orth_error=bank.max_orthogonality_error(),
     )
-    if windows is not None:
-        ppl(f"{_qname(qtrain)} RTN, learned rotation (wrapped)")
 
     # --- fuse: fold the learned matrices into the weights (float64), drop the wrappers ------------------
     handle.remove()
     delattr(model, BANK_ATTR)
     fold_rotations(plan.placements, learned, plan.layout.use_float64)
     if cfg.rotation.r4:
-        fold_r4(model, _r4_modules(model))
+        fold_r4(model)
     setattr(model.config, ONLINE_KEY, online_rotation_record(model, cfg.rotation.r3, cfg.rotation.r4))
     if not getattr(model.config, ONLINE_KEY):
         delattr(model.config, ONLINE_KEY)
 
     # --- learned row on the fused model: exactly what a user of the export gets --------------------------
     if windows is not None:
-        from .wrappers import apply_online_rotations
-
         h = apply_online_rotations(model, qtrain)
         metrics["ppl_quant_after"] = ppl(f"{_qname(qtrain)} RTN, learned rotation")
         h.remove()
@@ -257,22 +217,27 @@ def run_training(cfg) -> dict:
         save_rotations(learned, out / "rotations.safetensors", {"layout": plan.layout.name})
         _atomic_write_text(out / "recipe.yaml", recipe_to_yaml(cfg))
 
-    # --- W4A16 GPTQ after learned rotations (modifies weights: after the export) -------------------------
-    if windows is not None and (cfg.eval.baselines or cfg.quant.w_method == "gptq"):
-        from .gptq import gptq_quantize_model
-        from .wrappers import apply_online_rotations
+    # --- GPTQ after learned rotations (modifies the weights: after the export) ---------------------------
+    # W16A4KV4 recipes (w_method gptq): the final quantizer, with the recipe's activations/KV. With baselines on
+    # and RTN weights: the W4A16 GPTQ row of the results table.
+    if windows is not None and (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
+        from .evaluate import evaluate_setting
 
         g = cfg.quant.gptq
-        wbits = g.w_bits or cfg.quant.w_bits
-        if wbits >= 16:
-            wbits = 4
-        calib = blocks[: g.nsamples].to(state.device)
-        h = apply_online_rotations(model, QuantSettings())  # online Hadamards only, float activations
-        gptq_quantize_model(model, calib, QuantSpec(bits=wbits, sym=cfg.quant.w_sym, group_size=cfg.quant.w_groupsize),
-                            percdamp=g.percdamp, block_size=g.block_size, act_order=g.act_order, progress=main)
-        ppl(f"W{wbits}A16 GPTQ, learned rotation")
-        if h is not None:
-            h.remove()
+        wbits = g.w_bits or (cfg.quant.w_bits if cfg.quant.w_bits < 16 else 4)
+        wspec = QuantSpec(bits=wbits, sym=cfg.quant.w_sym, group_size=cfg.quant.w_groupsize)
+        if cfg.quant.w_method == "gptq":
+            gq, label = QuantSettings(w=wspec, a=qtrain.a, kv=qtrain.kv), f"W{wbits}A{qtrain.a.bits}KV{qtrain.kv.bits}"
+        else:
+            gq, label = QuantSettings(w=wspec), f"W{wbits}A16"
+        res = evaluate_setting(
+            model, windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=blocks[: g.nsamples],
+            gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
+            batch_size=cfg.eval.batch_size, progress=main,
+        )
+        metrics["rows"][f"{label} GPTQ, learned rotation"] = res["ppl"]
+        metrics["ppl_gptq"] = res["ppl"]
+        _log(f"{label} GPTQ, learned rotation: perplexity {res['ppl']:.3f}", main)
 
     metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
     _finish_wandb(wandb_before, exit_code=0)
@@ -283,6 +248,9 @@ def run_training(cfg) -> dict:
         print(table, flush=True)
     state.wait_for_everyone()
     return metrics
+
+
+INIT_LABELS = {"hadamard": "random Hadamard", "base_hadamard": "Hadamard", "orthogonal": "random orthogonal"}
 
 
 def _qname(q: QuantSettings) -> str:

@@ -96,14 +96,10 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def _attention_modules(model: nn.Module):
+def attention_modules(model: nn.Module):
     for name, mod in model.named_modules():
         if hasattr(mod, "head_dim") and any(hasattr(mod, k) for k in ("k_proj", "qkv_proj")):
             yield name, mod
-
-
-def _head_dim(mod) -> int:
-    return int(mod.head_dim)
 
 
 def r4_linear_names(model: nn.Module) -> list[str]:
@@ -120,8 +116,26 @@ def check_r4(model: nn.Module) -> list[str]:
     for n in names:
         width = model.get_submodule(n).in_features
         if not supported_order(width):
-            raise ValueError(f"R4: no Hadamard transform of order {width} for {n!r} (its input width)")
+            raise ValueError(
+                f"rotation.r4: the online Hadamard transform has no order {width} (input width of {n!r}); "
+                "set rotation.r4=false for this model"
+            )
     return names
+
+
+def check_online_hadamards(model: nn.Module, *, r3: bool, r4: bool) -> None:
+    """Refuse widths the online Hadamards cannot handle (R3 over head_dim, R4 over down_proj's input)."""
+    if r3:
+        for name, mod in attention_modules(model):
+            hd = int(mod.head_dim)
+            if not supported_order(hd):
+                raise ValueError(
+                    f"rotation.r3: the online Hadamard transform has no order {hd} (head_dim of {name!r}); "
+                    "supported orders are 2^m times 1, 12, 20, 28, 36, ... (see spinlearn.hadamard.supported_order). "
+                    "Set rotation.r3=false for this model"
+                )
+    if r4:
+        check_r4(model)
 
 
 @torch.no_grad()
@@ -243,12 +257,11 @@ def wrap_model(
                 parametrize.register_parametrization(t.module, "bias", par, unsafe=True)
                 handle._parametrized.append((t.module, "bias"))
 
+    check_online_hadamards(model, r3=r3, r4=False)
     if quant.kv.enabled or r3:
         _register_attention()
-        for name, mod in _attention_modules(model):
-            hd = _head_dim(mod)
-            if r3 and not supported_order(hd):
-                raise ValueError(f"R3: the fast Hadamard transform cannot handle head_dim={hd} ({name!r})")
+        for name, mod in attention_modules(model):
+            hd = int(mod.head_dim)
             mod.spinlearn_kv = _KVState(hd, quant.kv, r3)
             handle._attr_added.append((mod, "spinlearn_kv"))
         handle._old_attn = model.config._attn_implementation
