@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -10,7 +11,8 @@ def format_table(metrics: dict) -> str:
     rows = metrics.get("rows", {})
     lines = [
         f"Perplexity on the evaluation split ({metrics.get('model', '?')}), "
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}".rstrip(),
+        f"{time.strftime('%Y-%m-%d')}, {metrics.get('device', 'cpu')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores",
         "",
         "| setting | perplexity |",
         "|---|---|",

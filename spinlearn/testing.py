@@ -102,3 +102,19 @@ def save_tiny_model_dir(path, family: str = "llama", tokenizer_dir=None, seed: i
     model.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
     return Path(path)
+
+
+TINY_WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree car road sun".split()
+
+
+def tiny_tokenizer():
+    """A WordLevel tokenizer over ~20 words, built locally (no hub); ids fit the tiny models' vocab of 128."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(TINY_WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )

@@ -132,7 +132,7 @@ def run_training(cfg) -> dict:
     model.to(state.device)
     check_online_hadamards(model, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
     qtrain = QuantSettings.from_recipe(cfg.quant)
-    metrics: dict = {"model": str(cfg.model.path), "rows": {}}
+    metrics: dict = {"model": str(cfg.model.path), "device": str(state.device), "rows": {}}
 
     def ppl(label: str) -> float:
         value = perplexity(model, windows, batch_size=cfg.eval.batch_size, progress=main, desc=label)

@@ -16,23 +16,12 @@ from transformers import AutoModelForCausalLM
 
 from spinlearn.cli import main
 from spinlearn.hadamard import fast_hadamard_transform
-from spinlearn.testing import tiny_model
+from spinlearn.testing import TINY_WORDS, tiny_model, tiny_tokenizer
 from spinlearn.wrappers import ONLINE_KEY
 
-WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree car road sun".split()
+
 SEQ = 16
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def save_model(model, dest: Path) -> Path:
@@ -46,8 +35,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     rng = random.Random(0)
     # One paragraph per file: the tokenized stream is then exactly tokenizer(text).
-    (root / "test.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(8 * SEQ + 5)) + "\n")
-    (root / "train.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(20 * SEQ)) + "\n")
+    (root / "test.txt").write_text(" ".join(rng.choice(TINY_WORDS) for _ in range(8 * SEQ + 5)) + "\n")
+    (root / "train.txt").write_text(" ".join(rng.choice(TINY_WORDS) for _ in range(20 * SEQ)) + "\n")
     model = save_model(tiny_model("llama", initializer_range=0.1), root / "llama")
     return root, model
 

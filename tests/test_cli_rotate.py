@@ -17,23 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spinlearn.cli import main
 from spinlearn.layout import load_layout, resolve_dims
 from spinlearn.rotations import orthogonality_error
-from spinlearn.testing import logits_in_model_dtype, tiny_model
+from spinlearn.testing import logits_in_model_dtype, tiny_model, tiny_tokenizer
 
-WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree car road sun".split()
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
-
-def tiny_tokenizer():
-    """A WordLevel tokenizer over ~20 words, built locally (no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def save_model_dir(family: str, dest: Path) -> Path:
