@@ -121,7 +121,7 @@ class RotationConfig:
     r3: bool = False  # online Hadamard on queries/keys after RoPE
     r4: bool = False  # online Hadamard before down_proj
     optimizer: str = "cayley_sgd"  # cayley_sgd | riemannian_sgd | riemannian_adam
-    momentum: float = 0.9  # for cayley_sgd / riemannian_sgd
+    momentum: float = 0.0  # for cayley_sgd / riemannian_sgd (SpinQuant uses none)
     seed: int = 0
 
 
