@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ConnectionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ConnectionError, ImportError)
 
 
 def _cmd_rotate(args: argparse.Namespace) -> None:
@@ -65,6 +65,12 @@ def _check_bits(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {b} is out of range: use 2..16 (16 = not quantized)")
 
 
+def _lm_eval_available() -> bool:
+    import importlib.util
+
+    return "lm_eval" in sys.modules or importlib.util.find_spec("lm_eval") is not None
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
@@ -88,6 +94,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.rotations and args.rotation != "learned":
         raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
     parse_dtype(args.dtype)
+    if args.tasks and not _lm_eval_available():
+        raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")
     check_model_path(args.model)
     check_safetensors(args.model)
     if args.rotation == "learned":
@@ -114,6 +122,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         args.model, windows, rotation=args.rotation, quant=quant, w_method=args.w_method, calib_blocks=calib,
         rotations_file=args.rotations, layout=args.layout, seed=args.seed, r3=args.r3, r4=args.r4,
         dtype=args.dtype, batch_size=args.batch_size,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        task_limit=args.task_limit,
     )
     result["settings"].update(
         data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
@@ -125,6 +135,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         f"perplexity {result['ppl']:.4f}  ({q} {args.w_method}, rotation {args.rotation}, "
         f"{windows.shape[0]} windows x {args.seqlen} tokens) [{result['time_s']:.1f}s]"
     )
+    for task, metrics in result.get("zero_shot", {}).items():
+        print(f"zero-shot {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--json", default=None, help="write the perplexity and every setting to this JSON file")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval zero-shot tasks (optional extra: pip install 'spinlearn[eval]'; "
+                        "offline only with task data already cached)")
+    e.add_argument("--task-limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
     e.set_defaults(func=_cmd_eval)
 
     return p

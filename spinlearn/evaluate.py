@@ -214,6 +214,31 @@ def _spec_dict(spec: QuantSpec) -> dict:
     return asdict(spec)
 
 
+def zero_shot(model: nn.Module, tokenizer, tasks, *, batch_size: int = 1, limit: int | None = None) -> dict:
+    """Zero-shot accuracy through the lm-eval harness (optional extra: ``pip install 'spinlearn[eval]'``) on the
+    model *as it is now*, i.e. with whatever rotations and fake quantizers are installed on it.
+
+    The harness loads its task data through ``datasets``; offline, that works only when the data is already in
+    the local cache. Returns {task: {metric: value}}."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError(
+            "zero-shot evaluation needs the lm-eval harness: pip install 'spinlearn[eval]' (lm-eval with its hf extra)"
+        ) from e
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit)
+    except (ConnectionError, OSError) as e:
+        raise ValueError(
+            f"task data for {list(tasks)} is not available locally ({type(e).__name__}: {e}); "
+            "download it once with network access, then run offline"
+        ) from e
+    results = out.get("results", {}) if isinstance(out, dict) else {}
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, int | float)} for task, metrics in results.items()}
+
+
 def evaluate_setting(
     model_path_or_model,
     windows: torch.Tensor,
@@ -231,6 +256,9 @@ def evaluate_setting(
     dtype: str | torch.dtype = "auto",
     batch_size: int = 1,
     progress: bool = True,
+    tasks=None,
+    tokenizer=None,
+    task_limit: int | None = None,
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
@@ -299,12 +327,24 @@ def evaluate_setting(
         eval_quant = quant
 
     handle = wrap_model(model, quant=eval_quant, r3=use_r3, r4=use_r4, r4_in_weights=False)
+    zero = None
     try:
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
+        if tasks:
+            if tokenizer is None and path is None:
+                raise ValueError("zero-shot tasks need a tokenizer (pass tokenizer= with a model object)")
+            if tokenizer is None:
+                from .modeling import load_tokenizer
+
+                tokenizer = load_tokenizer(path)
+            zero = zero_shot(model, tokenizer, tasks, batch_size=batch_size, limit=task_limit)
     finally:
         handle.remove()
     settings.update(
         w=_spec_dict(quant.w), a=_spec_dict(quant.a), kv=_spec_dict(quant.kv), lm_head=_spec_dict(quant.lm_head),
         eval_windows=int(windows.shape[0]), eval_seqlen=int(windows.shape[1]), batch_size=batch_size,
     )
-    return {"ppl": ppl, "settings": settings}
+    result = {"ppl": ppl, "settings": settings}
+    if zero is not None:
+        result["zero_shot"] = zero
+    return result

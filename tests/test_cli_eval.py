@@ -184,3 +184,52 @@ def test_user_errors(env, tmp_path, capsys, case):
     assert run(*args, *extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("spinlearn eval: error:") and message in err, err
+
+
+def _fake_lm_eval(monkeypatch, seen: dict):
+    """A stand-in for the lm-eval harness (not installed here, and its task data needs the hub): records what
+    model it was handed and whether spinlearn's quantizers were live while it ran."""
+    import sys
+    import types
+
+    from spinlearn.wrappers import ATTN_NAME
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            seen["model"], seen["tokenizer"] = pretrained, tokenizer
+
+    def simple_evaluate(model, tasks, num_fewshot, limit):
+        m = seen["model"]
+        seen["quantized_during_eval"] = (
+            m.config._attn_implementation == ATTN_NAME and any(hasattr(x, "spinlearn_act") for x in m.modules())
+        )
+        seen["tasks"], seen["limit"] = tasks, limit
+        return {"results": {t: {"acc,none": 0.5, "alias": t} for t in tasks}}
+
+    pkg = types.ModuleType("lm_eval")
+    pkg.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    hf = types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = HFLM
+    monkeypatch.setitem(sys.modules, "lm_eval", pkg)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", models)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
+
+
+def test_zero_shot_tasks_run_on_the_quantized_model(env, monkeypatch, capsys):
+    root, model = env
+    seen: dict = {}
+    _fake_lm_eval(monkeypatch, seen)
+    res = eval_json(root, model, "--w-bits", 4, "--a-bits", 4, "--kv-bits", 4, "--tasks", "piqa,arc_easy",
+                    "--task-limit", 5, name="zs.json")
+    assert seen["tasks"] == ["piqa", "arc_easy"] and seen["limit"] == 5
+    assert seen["quantized_during_eval"] is True
+    assert res["zero_shot"] == {"piqa": {"acc,none": 0.5}, "arc_easy": {"acc,none": 0.5}}
+    assert "zero-shot piqa: acc,none 0.5000" in capsys.readouterr().out
+
+
+def test_zero_shot_without_the_harness_is_a_clear_error(env, monkeypatch, capsys):
+    root, model = env
+    monkeypatch.setattr("spinlearn.cli._lm_eval_available", lambda: False)
+    assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--tasks", "piqa") == 2
+    assert "pip install 'spinlearn[eval]'" in capsys.readouterr().err
