@@ -1,8 +1,9 @@
 """Print the rotation results table for any model and data: float, RTN without rotation, random Hadamard,
-learned (from a train_rotations.py output) and W4A16 GPTQ after learned rotations.
+learned (from a train_rotations.py output) and W4A16 GPTQ after learned rotations. The learned model applies the
+online Hadamards its config records; pass --r3/--r4 so that the random-Hadamard row uses the same ones.
 
     python launch/bench_table.py --model spinlearn/demo/model --data spinlearn/demo/data/test.txt \
-        --calib-data spinlearn/demo/data/train.txt --learned runs/demo [--seqlen 256] [--max-windows 64]
+        --calib-data spinlearn/demo/data/train.txt --learned runs/demo [--seqlen 256] [--max-windows 64] [--r3 --r4]
 
 Every row goes through `spinlearn.evaluate.evaluate_setting`, the same code as `spinlearn eval`. Without
 --learned the learned rows are skipped. Writes the table to --out (Markdown) when given.
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-bits", type=int, default=4)
     ap.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows")
     ap.add_argument("--layout", default="transformer_universal")
+    ap.add_argument("--r3", action="store_true", help="random-Hadamard row: add the online R3 Hadamard (Q/K)")
+    ap.add_argument("--r4", action="store_true", help="random-Hadamard row: add the online R4 Hadamard (down_proj)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the Markdown table here too")
     args = ap.parse_args(argv)
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
 
     row("float", args.model, rotation="none", quant=QuantSettings())
     row(f"{qname} RTN, no rotation", args.model, rotation="none", quant=q)
-    row(f"{qname} RTN, random Hadamard rotation", args.model, rotation="hadamard", quant=q)
+    online = "+R3" * args.r3 + "+R4" * args.r4
+    row(f"{qname} RTN, random Hadamard rotation{' (R1+R2' + online + ')' if online else ''}", args.model,
+        rotation="hadamard", quant=q, r3=args.r3, r4=args.r4)
     if args.learned:
         learned_model = str(Path(args.learned) / "model")
         row(f"{qname} RTN, learned rotation", learned_model, rotation="learned", quant=q)

@@ -11,8 +11,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, Connect
 
 
 def _cmd_rotate(args: argparse.Namespace) -> None:
-    import torch
-
     from .export import atomic_output_dir, check_output_dir, save_model_dir, save_rotations
     from .layout import load_layout
     from .modeling import check_model_path, load_causal_lm, parse_dtype
@@ -28,7 +26,6 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
     model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                            device=args.device)
     t_load = time.perf_counter() - t0
-    torch.manual_seed(args.seed)
     model, matrices = rotate(model, layout, mode=args.mode, seed=args.seed, verify=not args.no_verify)
     t_rot = time.perf_counter() - t0 - t_load
     with atomic_output_dir(args.output, args.overwrite) as tmp:

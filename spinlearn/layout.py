@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 LAYOUT_DIR = Path(__file__).parent / "layouts"
@@ -347,6 +346,3 @@ def resolve_dims(layout: Layout, config) -> dict[str, int]:
             raise LayoutError(f"layout {layout.name!r}, rotation_matrices.{name}.dim={spec.dim!r}: {e}") from e
     return dims
 
-
-def to_container(x):
-    return OmegaConf.to_container(x) if isinstance(x, DictConfig | ListConfig) else x

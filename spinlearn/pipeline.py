@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from .fusion import center_writers, check_unfused_norms, fold_rotations, fuse_norms, untie_embeddings
-from .layout import Layout, LayoutError, Placement, load_layout, match_pattern, resolve_dims, resolve_placements
+from .layout import (
+    Layout,
+    LayoutError,
+    Placement,
+    load_layout,
+    match_pattern,
+    no_match_error,
+    resolve_dims,
+    resolve_placements,
+)
 from .rotations import fix_ones_direction, make_rotation, orthogonality_error
 
 
@@ -62,8 +71,6 @@ def prepare_model(model: nn.Module, layout: str | Layout) -> RotationPlan:
     modules = dict(model.named_modules())
     for pat, _ in layout.decoder_layer_fuse + [(n, None) for n, _ in layout.lm_head_fuse]:
         if not match_pattern(pat, modules):
-            from .layout import no_match_error
-
             raise no_match_error(pat, [n for n, m in modules.items() if "norm" in type(m).__name__.lower()], "norm")
     if untied_probe:
         untie_embeddings(model)

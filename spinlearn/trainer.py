@@ -92,8 +92,6 @@ class RotationLogger(TrainerCallback):
 class RotationTrainer(Trainer):
     def __init__(self, *args, bank: RotationBank, rotation_optimizer: str = "cayley_sgd", momentum: float = 0.0,
                  kl_weight: float = 0.0, ce_weight: float = 1.0, **kwargs):
-        if kwargs.get("args") is not None and kwargs["args"].max_steps <= 0:
-            raise ValueError("train.max_steps must be > 0: rotation training is step-based (SpinQuant uses 100)")
         super().__init__(*args, **kwargs)
         if self.args.max_steps <= 0:
             raise ValueError("train.max_steps must be > 0: rotation training is step-based (SpinQuant uses 100)")

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from spinlearn.data import TokenBlockDataset
@@ -176,15 +175,8 @@ def test_learned_beats_mean_of_5_random_hadamard_seeds(setup, trained):
     assert trained["kl_learned"] < 0.8 * mean, (trained["kl_learned"], kls)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "at hidden 64 the learned rotation lands among the best random Hadamards, not reliably below all ten: "
-    "model seed 0 gives KL 0.0416 vs best-of-10 0.0410 (mean 0.085); a sweep over model seeds 0-5 beat the "
-    "best of 10 once. It does beat the mean (test above)."))
-def test_learned_beats_best_of_10_random_hadamard_seeds(setup, trained):
-    """SpinQuant's central claim (learned beats any random Hadamard), at toy scale; see the xfail reason."""
-    kls = [setup.kl_of(setup.hadamard(s)) for s in range(10)]
-    assert trained["kl_learned"] < min(kls), (trained["kl_learned"], kls)
+# The best-of-10-seeds claim is checked on the demo model (tests/test_demo_run.py, slow): at hidden size 64
+# the learned rotation lands among the best random Hadamards but not reliably below all ten.
 
 
 def test_fused_float_logits_equal_wrapped_float_logits(setup, trained):
