@@ -50,15 +50,19 @@ def fix_ones_direction(r: torch.Tensor) -> torch.Tensor:
     return r - 2.0 * torch.outer(w, w @ r) / norm2
 
 
-def rotate_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
-    """Multiply ``axis`` of ``t`` by ``r`` on the right, block-diagonally when r is smaller. Differentiable."""
-    d = r.shape[0]
+def _blocks_on_last_axis(t: torch.Tensor, d: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` with ``axis`` moved last, and a view of it in blocks of d (block-diagonal application)."""
     x = t.movedim(axis, -1)
     n = x.shape[-1]
     if n % d:
         raise ValueError(f"a {d}x{d} rotation does not divide axis {axis} of size {n} (shape {tuple(t.shape)})")
-    y = (x.reshape(*x.shape[:-1], n // d, d) @ r).reshape(x.shape)
-    return y.movedim(-1, axis)
+    return x, x.reshape(*x.shape[:-1], n // d, d)
+
+
+def rotate_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
+    """Multiply ``axis`` of ``t`` by ``r`` on the right, block-diagonally when r is smaller. Differentiable."""
+    x, blocks = _blocks_on_last_axis(t, r.shape[0], axis)
+    return (blocks @ r).reshape(x.shape).movedim(-1, axis)
 
 
 def signed_hadamard_signs(r: torch.Tensor) -> torch.Tensor | None:
@@ -82,14 +86,8 @@ def rotate_axis_fast(t: torch.Tensor, r: torch.Tensor, axis: int, signs: torch.T
         return rotate_axis(t, r, axis)
     from .hadamard import fast_hadamard_transform
 
-    d = r.shape[0]
-    x = t.movedim(axis, -1)
-    n = x.shape[-1]
-    if n % d:
-        raise ValueError(f"a {d}x{d} rotation does not divide axis {axis} of size {n} (shape {tuple(t.shape)})")
-    blocks = x.reshape(*x.shape[:-1], n // d, d)
-    y = fast_hadamard_transform(blocks * signs.to(blocks.dtype)).reshape(x.shape)
-    return y.movedim(-1, axis)
+    x, blocks = _blocks_on_last_axis(t, r.shape[0], axis)
+    return fast_hadamard_transform(blocks * signs.to(blocks.dtype)).reshape(x.shape).movedim(-1, axis)
 
 
 def orthogonality_error(r: torch.Tensor) -> float:

@@ -195,9 +195,9 @@ def run_training(cfg) -> dict:
     fold_rotations(plan.placements, learned, plan.layout.use_float64)
     if cfg.rotation.r4:
         fold_r4(model)
-    setattr(model.config, ONLINE_KEY, online_rotation_record(model, cfg.rotation.r3, cfg.rotation.r4))
-    if not getattr(model.config, ONLINE_KEY):
-        delattr(model.config, ONLINE_KEY)
+    online = online_rotation_record(model, cfg.rotation.r3, cfg.rotation.r4)
+    if online:  # recorded in config.json for evaluators and serving engines
+        setattr(model.config, ONLINE_KEY, online)
 
     # --- learned row on the fused model: exactly what a user of the export gets --------------------------
     if windows is not None:

@@ -260,9 +260,8 @@ def wrap_model(
     check_online_hadamards(model, r3=r3, r4=False)
     if quant.kv.enabled or r3:
         _register_attention()
-        for name, mod in attention_modules(model):
-            hd = int(mod.head_dim)
-            mod.spinlearn_kv = _KVState(hd, quant.kv, r3)
+        for _, mod in attention_modules(model):
+            mod.spinlearn_kv = _KVState(int(mod.head_dim), quant.kv, r3)
             handle._attr_added.append((mod, "spinlearn_kv"))
         handle._old_attn = model.config._attn_implementation
         model.config._attn_implementation = ATTN_NAME
