@@ -40,10 +40,10 @@ def main(argv=None) -> int:
 
     from spinlearn.data import calibration_blocks, eval_windows, load_text, tokenize_concat
     from spinlearn.evaluate import evaluate_setting
-    from spinlearn.modeling import load_tokenizer
+    from spinlearn.loading import load_tokenizer
     from spinlearn.quant import QuantSpec
     from spinlearn.report import format_table
-    from spinlearn.wrappers import QuantSettings
+    from spinlearn.quant import QuantSettings
 
     tok = load_tokenizer(args.model)
     windows = eval_windows(tokenize_concat(load_text(args.data, split="test"), tok), args.seqlen)

@@ -68,11 +68,12 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool):
         return step
 
     from spinlearn.layout import BANK_ATTR
-    from spinlearn.pipeline import make_matrices, prepare_model
+    from spinlearn.rotation_plan import make_matrices, prepare_model
     from spinlearn.quant import QuantSpec
     from spinlearn.rotations import RotationBank
     from spinlearn.trainer import make_optimizer
-    from spinlearn.wrappers import QuantSettings, wrap_model
+    from spinlearn.fakequant import wrap_model
+    from spinlearn.quant import QuantSettings
 
     plan = prepare_model(model, "transformer_universal")
     for p in model.parameters():

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from spinlearn.evaluate import evaluate_setting
     from spinlearn.quant import QuantSpec
-    from spinlearn.wrappers import QuantSettings
+    from spinlearn.quant import QuantSettings
 
     path = args.model or demo_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from spinlearn.config import load_recipe
-    from spinlearn.train import run_training
+    from spinlearn.job import run_training
 
     try:
         cfg = load_recipe(args.config, args.overrides)

@@ -7,14 +7,16 @@ import sys
 import time
 from pathlib import Path
 
+from .choices import ROTATION_MODES, check_bits
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ConnectionError, ImportError)
 
 
 def _cmd_rotate(args: argparse.Namespace) -> None:
-    from .export import atomic_output_dir, check_output_dir, save_model_dir, save_rotations
+    from .artifacts import LAYOUT_FILE, ROTATIONS_FILE, atomic_output_dir, check_output_dir, save_model_dir, save_rotations
     from .layout import load_layout
-    from .modeling import check_model_path, load_causal_lm, parse_dtype
-    from .pipeline import rotate
+    from .loading import check_model_path, load_causal_lm, parse_dtype
+    from .rotation_plan import rotate
 
     # Cheap checks first: nothing is loaded or written if these fail.
     check_output_dir(args.output, args.overwrite)
@@ -30,7 +32,7 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
     t_rot = time.perf_counter() - t0 - t_load
     with atomic_output_dir(args.output, args.overwrite) as tmp:
         save_model_dir(model, tmp, tokenizer_source=args.model)
-        save_rotations(matrices, tmp / "rotations.safetensors", {"layout": layout.name, "seed": args.seed,
+        save_rotations(matrices, tmp / ROTATIONS_FILE, {"layout": layout.name, "seed": args.seed,
                                                                   "mode": args.mode or "layout"})
         resolved = layout.to_dict()
         if args.mode:
@@ -40,7 +42,7 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
 
         # seed/mode as a comment: the file must stay a valid layout (load_layout refuses unknown keys).
         header = f"# written by spinlearn rotate --seed {args.seed} --mode {args.mode or 'layout'}\n"
-        (tmp / "layout.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        (tmp / LAYOUT_FILE).write_text(header + OmegaConf.to_yaml(OmegaConf.create(resolved)))
     t_total = time.perf_counter() - t0
     print(
         f"rotated {type(model).__name__} with layout {layout.name!r} ({len(matrices)} matrices) -> {args.output} "
@@ -50,16 +52,16 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
-    from .train import run_training
+    from .job import run_training
 
     run_training(load_recipe(args.config, args.overrides))
 
 
 def _check_bits(args: argparse.Namespace) -> None:
     for flag in ("w_bits", "a_bits", "kv_bits", "lm_head_bits"):
-        b = getattr(args, flag)
-        if not 2 <= b <= 16:
-            raise ValueError(f"--{flag.replace('_', '-')} {b} is out of range: use 2..16 (16 = not quantized)")
+        msg = check_bits(getattr(args, flag), f"--{flag.replace('_', '-')}")
+        if msg:
+            raise ValueError(msg)
 
 
 def _lm_eval_available() -> bool:
@@ -75,10 +77,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
     from .evaluate import check_safetensors, evaluate_setting, learned_source
-    from .export import load_rotations
-    from .modeling import check_model_path, load_tokenizer, parse_dtype
-    from .quant import QuantSpec
-    from .wrappers import QuantSettings
+    from .artifacts import load_rotations
+    from .loading import check_model_path, load_tokenizer, parse_dtype
+    from .quant import QuantSettings
 
     # Cheap checks first: nothing is loaded if these fail.
     _check_bits(args)
@@ -99,11 +100,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if args.rotations:
             load_rotations(args.rotations)  # a missing or corrupt file is named here
         learned_source(args.model, args.rotations)
-    quant = QuantSettings(
-        w=QuantSpec(bits=args.w_bits, sym=True, group_size=args.w_groupsize, mse_clip=args.w_clip),
-        a=QuantSpec(bits=args.a_bits, sym=False, clip_ratio=args.a_clip),
-        kv=QuantSpec(bits=args.kv_bits, sym=False),
-        lm_head=QuantSpec(bits=args.lm_head_bits, sym=True, group_size=args.w_groupsize, mse_clip=args.w_clip),
+    quant = QuantSettings.from_flags(
+        w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, lm_head_bits=args.lm_head_bits,
+        w_groupsize=args.w_groupsize, w_clip=args.w_clip, a_clip=args.a_clip,
     )
 
     torch.manual_seed(args.seed)
@@ -127,7 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         max_windows=args.max_windows, text_field=args.text_field, eval_tokens=int(eval_ids.numel()),
     )
     result["time_s"] = round(time.perf_counter() - t0, 2)
-    q = f"W{args.w_bits}A{args.a_bits}KV{args.kv_bits}"
+    q = quant.name
     print(
         f"perplexity {result['ppl']:.4f}  ({q} {args.w_method}, rotation {args.rotation}, "
         f"{windows.shape[0]} windows x {args.seqlen} tokens) [{result['time_s']:.1f}s]"
@@ -148,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="local Hugging Face model directory")
     r.add_argument("--layout", default="transformer_universal", help="shipped layout name or a YAML path")
     r.add_argument("--output", required=True, help="output directory (a plain HF model directory)")
-    r.add_argument("--mode", choices=["hadamard", "base_hadamard", "orthogonal"], default=None,
+    r.add_argument("--mode", choices=ROTATION_MODES, default=None,
                    help="override every matrix's mode (default: the layout's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")

@@ -24,6 +24,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .choices import BITS_RANGE, EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
+
 __all__ = [
     "RecipeError",
     "ModelConfig",
@@ -44,10 +46,7 @@ __all__ = [
 ]
 
 # Accepted values of the enum-like string settings.
-DTYPES = ("float32", "bfloat16", "float16")
-ROTATION_INITS = ("hadamard", "base_hadamard", "orthogonal")
-ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
-WEIGHT_METHODS = ("rtn", "gptq")
+
 # transformers.SchedulerType values (checked against transformers in the tests; kept here so that
 # validating a recipe does not import transformers).
 LR_SCHEDULERS = (
@@ -58,7 +57,6 @@ LR_SCHEDULERS = (
 # Data sources: a hub shorthand, or a local file / glob with one of these suffixes.
 HUB_DATASETS = ("wikitext2", "c4")
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
-BITS_RANGE = (2, 16)  # 16 means "not quantized"
 REQUIRED_KEYS = ("model.path", "data.train", "output_dir")
 _LAYOUT_DIR = Path(__file__).parent / "layouts"
 
@@ -111,6 +109,7 @@ class QuantConfig:
     kv_groupsize: int = -1  # -1 = per head
     lm_head_bits: int = 16
     w_method: str = "rtn"  # final weight quantizer for evaluation/export: rtn | gptq
+    format: str = "int"  # number format of the fake quantizers: int | nvfp4 | mxfp4 (FP4 microscaling)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
 
@@ -120,6 +119,8 @@ class RotationConfig:
     init: str = "hadamard"  # hadamard | base_hadamard | orthogonal
     r3: bool = False  # online Hadamard on queries/keys after RoPE
     r4: bool = False  # online Hadamard before down_proj
+    # Online input Hadamards as module globs ("all" = every linear but lm_head); null = the down_proj set when r4
+    online: Optional[list[str]] = None
     optimizer: str = "cayley_sgd"  # cayley_sgd | riemannian_sgd | riemannian_adam
     momentum: float = 0.0  # for cayley_sgd / riemannian_sgd (SpinQuant uses none)
     seed: int = 0
@@ -159,6 +160,13 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    schemes: list[str] = field(default_factory=list)  # deployable exports at the end of a run: w4a16 | w8a8 | nvfp4 | float
+    w_method: Optional[str] = None  # rtn | gptq; null = quant.w_method
+    group_size: Optional[int] = None  # int4 weight group size; null = 128 (w4a16), -1 = per channel
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,8 +175,23 @@ class RecipeConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = MISSING
     overwrite_output_dir: bool = False
+
+
+def quant_section(**values) -> DictConfig:
+    """A validated ``quant`` section from keyword values (CLI flags, benchmarks); bits default to 16 (off)."""
+    base = {"w_bits": 16, "a_bits": 16, "kv_bits": 16, "lm_head_bits": 16}
+    section = OmegaConf.structured(QuantConfig)
+    user = OmegaConf.create({**base, **values})
+    _check_keys(OmegaConf.to_container(user), section, "in the quantizer settings")
+    merged = OmegaConf.merge(section, user)
+    errors = [msg for key in ("w_bits", "a_bits", "kv_bits", "lm_head_bits")
+              if (msg := check_bits(merged[key], f"quant.{key}"))]
+    if errors:
+        raise RecipeError("; ".join(errors))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -315,9 +338,16 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
         need(lo <= v <= hi, key, f"bits must be in {lo}..{hi} (16 = not quantized)")
 
     d, q, r, t = cfg.data, cfg.quant, cfg.rotation, cfg.train
-    one_of("model.dtype", DTYPES)
+    one_of("model.dtype", TRAIN_DTYPES)
     one_of("quant.w_method", WEIGHT_METHODS)
-    one_of("rotation.init", ROTATION_INITS)
+    one_of("quant.format", QUANT_FORMATS)
+    for scheme in cfg.export.schemes:
+        need(scheme in EXPORT_SCHEMES, "export.schemes", f"each scheme must be one of {' | '.join(EXPORT_SCHEMES)}")
+    if cfg.export.w_method is not None:
+        one_of("export.w_method", WEIGHT_METHODS)
+    if cfg.export.group_size is not None:
+        groupsize("export.group_size")
+    one_of("rotation.init", ROTATION_MODES)
     one_of("rotation.optimizer", ROTATION_OPTIMIZERS)
     one_of("train.lr_scheduler_type", LR_SCHEDULERS)
 

@@ -1,7 +1,7 @@
 """Perplexity of a (rotated, quantized) model, and one row of the results table: rotation x quantizer.
 
 ``evaluate_setting`` is what ``spinlearn eval`` runs: load, rotate (none / random Hadamard / learned),
-optionally GPTQ the weights, install the fake quantizers of ``wrappers.py`` and measure perplexity.
+optionally GPTQ the weights, install the fake quantizers of ``fakequant.py`` and measure perplexity.
 
 Where a learned rotation is found (``--rotation learned``):
   * an exported model (``train_rotations.py`` writes ``OUT/model/`` and ``OUT/rotations.safetensors``; ``spinlearn
@@ -22,12 +22,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .artifacts import ROTATIONS_FILE
+from .choices import EVAL_ROTATIONS as ROTATIONS
+from .choices import WEIGHT_METHODS as W_METHODS
 from .quant import QuantSpec
-from .wrappers import ONLINE_KEY, QuantSettings, fold_r4, wrap_model
+from .fakequant import ONLINE_KEY, fold_r4, wrap_model
+from .quant import QuantSettings
 
-ROTATIONS_FILE = "rotations.safetensors"
-ROTATIONS = ("none", "hadamard", "learned")
-W_METHODS = ("rtn", "gptq")
 
 __all__ = [
     "perplexity", "evaluate_setting", "learned_source", "check_safetensors", "recorded_rotations_file",
@@ -84,10 +85,10 @@ def apply_rotations_file(
 
     The file must hold exactly the instances the layout makes for this model (``r1``, ``r2.model.layers.0``...)
     with matching sizes; anything else means another model or another layout, and nothing is changed."""
-    from .export import load_rotations
+    from .artifacts import load_rotations
     from .fusion import fold_rotations
     from .layout import load_layout, resolve_dims, resolve_placements
-    from .pipeline import prepare_model
+    from .rotation_plan import prepare_model
     from .rotations import orthogonality_error
 
     matrices = load_rotations(path)
@@ -157,7 +158,7 @@ def _rtn_bare_weights(model: nn.Module, spec: QuantSpec) -> list[str]:
 def _load(model_path_or_model, dtype):
     if isinstance(model_path_or_model, nn.Module):
         return model_path_or_model, None
-    from .modeling import check_model_path, load_causal_lm
+    from .loading import check_model_path, load_causal_lm
 
     path = check_model_path(model_path_or_model)
     check_safetensors(path)
@@ -174,7 +175,7 @@ def _model_config(model_path_or_model) -> dict:
         return model_path_or_model.config.to_dict()
     import json
 
-    from .modeling import check_model_path
+    from .loading import check_model_path
 
     return json.loads((check_model_path(model_path_or_model) / "config.json").read_text())
 
@@ -291,7 +292,7 @@ def evaluate_setting(
 
     # --- rotation ----------------------------------------------------------------------------------------
     if rotation == "hadamard":
-        from .pipeline import rotate
+        from .rotation_plan import rotate
 
         rotate(model, layout, mode="hadamard", seed=seed)
         settings["seed"] = seed
@@ -334,7 +335,7 @@ def evaluate_setting(
             if tokenizer is None and path is None:
                 raise ValueError("zero-shot tasks need a tokenizer (pass tokenizer= with a model object)")
             if tokenizer is None:
-                from .modeling import load_tokenizer
+                from .loading import load_tokenizer
 
                 tokenizer = load_tokenizer(path)
             zero = zero_shot(model, tokenizer, tasks, batch_size=batch_size, limit=task_limit)

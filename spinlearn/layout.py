@@ -36,10 +36,11 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from .choices import ROTATION_MODES as MODES
 from torch import nn
 
 LAYOUT_DIR = Path(__file__).parent / "layouts"
-MODES = ("hadamard", "base_hadamard", "orthogonal")
 
 
 class LayoutError(ValueError):

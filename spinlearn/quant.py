@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ __all__ = [
     "quantize_kv",
     "ActQuantizer",
     "quantizers_disabled",
+    "QuantSettings",
 ]
 
 # MSE clip search, as in GPTQ/QuaRot's `mse` option: shrink factors 1.00, 0.99, ..., 0.20 and the
@@ -256,3 +257,52 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, attr, value in saved:
             setattr(m, attr, value)
+
+
+@dataclass
+class QuantSettings:
+    """The four quantizers of one setting: weights, activations, K/V cache and lm_head's weights.
+
+    Built from a recipe's ``quant`` section by :meth:`from_recipe`, the one mapping from recipe keys to
+    quantizer specs; the CLI and the benchmarks build a ``quant`` section from their flags (:meth:`from_flags`)
+    and go through it too."""
+
+    w: QuantSpec = field(default_factory=QuantSpec)
+    a: QuantSpec = field(default_factory=QuantSpec)
+    kv: QuantSpec = field(default_factory=lambda: QuantSpec(sym=False))
+    lm_head: QuantSpec = field(default_factory=QuantSpec)  # weights of lm_head; 16 bits = left alone
+
+    @classmethod
+    def from_recipe(cls, q) -> QuantSettings:
+        """``q``: a recipe's ``quant`` section (``config.QuantConfig`` fields)."""
+        return cls(
+            w=QuantSpec(bits=q.w_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
+            a=QuantSpec(bits=q.a_bits, sym=q.a_sym, group_size=q.a_groupsize, clip_ratio=q.a_clip),
+            kv=QuantSpec(bits=q.kv_bits, sym=q.kv_sym, group_size=q.kv_groupsize),
+            lm_head=QuantSpec(bits=q.lm_head_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
+        )
+
+    @classmethod
+    def from_flags(cls, **values) -> QuantSettings:
+        """Settings from ``quant`` keys given as keyword arguments (``w_bits=4, a_bits=4``...); the others take the
+        recipe schema's defaults except bits, which default to 16 (off)."""
+        from .config import quant_section
+
+        return cls.from_recipe(quant_section(**values))
+
+    @classmethod
+    def for_gptq(cls, q, *, with_activations: bool) -> QuantSettings:
+        """What GPTQ quantizes to after training: ``quant.gptq.w_bits`` (or ``quant.w_bits``, or 4 when training
+        kept 16-bit weights) with the recipe's symmetry, group size and MSE clip search; activations/KV as the
+        recipe says when ``with_activations`` (W16A4KV4 recipes), else none (the W4A16 row)."""
+        base = cls.from_recipe(q)
+        bits = q.gptq.w_bits or (q.w_bits if q.w_bits < 16 else 4)
+        w = QuantSpec(bits=bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip)
+        if with_activations:
+            return cls(w=w, a=base.a, kv=base.kv, lm_head=base.lm_head)
+        return cls(w=w, lm_head=base.lm_head)
+
+    @property
+    def name(self) -> str:
+        """The setting's short name, e.g. W4A4KV4 (16 = not quantized)."""
+        return f"W{self.w.bits}A{self.a.bits}KV{self.kv.bits}"

@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
+from .artifacts import OPTIMIZER_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .optim import CayleySGD
 from .quant import quantizers_disabled
 from .rotations import RotationBank
 
-ROTATIONS_FILE = "rotations.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-SCHEDULER_FILE = "scheduler.json"
 
 
 class NonFiniteLossError(RuntimeError):

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from spinlearn.cli import main
 from spinlearn.hadamard import fast_hadamard_transform
-from spinlearn.testing import TINY_WORDS, tiny_model, tiny_tokenizer
-from spinlearn.wrappers import ONLINE_KEY
+from helpers import TINY_WORDS, tiny_model, tiny_tokenizer
+from spinlearn.fakequant import ONLINE_KEY
 
 
 SEQ = 16
@@ -155,8 +155,8 @@ def test_user_errors(env, tmp_path, capsys, case):
     n_tokens = len(tiny_tokenizer()(data.read_text())["input_ids"])
     expected = {
         "short_data": (["--seqlen", 10_000], f"has {n_tokens} tokens"),
-        "bits_low": (["--w-bits", 1], "--w-bits 1 is out of range"),
-        "bits_high": (["--kv-bits", 17], "--kv-bits 17 is out of range"),
+        "bits_low": (["--w-bits", 1], "--w-bits=1 is out of range"),
+        "bits_high": (["--kv-bits", 17], "--kv-bits=17 is out of range"),
         "learned_plain": (["--rotation", "learned"], "--rotation learned needs a model exported by train_rotations.py"),
         "missing_rotations": (["--rotation", "learned", "--rotations", tmp_path / "missing.safetensors"],
                               "missing.safetensors"),
@@ -192,7 +192,7 @@ def _fake_lm_eval(monkeypatch, seen: dict):
     import sys
     import types
 
-    from spinlearn.wrappers import ATTN_NAME
+    from spinlearn.fakequant import ATTN_NAME
 
     class HFLM:
         def __init__(self, pretrained, tokenizer, batch_size):

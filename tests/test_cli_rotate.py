@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spinlearn.cli import main
 from spinlearn.layout import load_layout, resolve_dims
 from spinlearn.rotations import orthogonality_error
-from spinlearn.testing import logits_in_model_dtype, tiny_model, tiny_tokenizer
+from helpers import logits_in_model_dtype, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spinlearn.config import load_recipe
-from spinlearn.train import run_training
+from spinlearn.job import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = "W4A4KV4 RTN"
@@ -46,7 +46,7 @@ def test_demo_learned_beats_the_best_of_10_random_hadamard_seeds(demo_run, monke
 
     from spinlearn.data import eval_windows, load_text, tokenize_concat
     from spinlearn.evaluate import evaluate_setting
-    from spinlearn.wrappers import QuantSettings
+    from spinlearn.quant import QuantSettings
 
     cfg, metrics, _ = demo_run
     monkeypatch.chdir(ROOT)

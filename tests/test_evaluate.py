@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from spinlearn import quant as quant_mod
-from spinlearn import wrappers
+from spinlearn import fakequant
 from spinlearn.evaluate import apply_rotations_file, evaluate_setting, perplexity
-from spinlearn.export import save_rotations
+from spinlearn.artifacts import save_rotations
 from spinlearn.gptq import HessianAccumulator, gptq_quantize_model, gptq_quantize_weight
-from spinlearn.pipeline import make_matrices, prepare_model
+from spinlearn.rotation_plan import make_matrices, prepare_model
 from spinlearn.quant import QuantSpec, quantize_weight
-from spinlearn.testing import tiny_model
-from spinlearn.wrappers import QuantSettings, wrap_model
+from helpers import tiny_model
+from spinlearn.fakequant import wrap_model
+from spinlearn.quant import QuantSettings
 
 SEQ = 48
 
@@ -72,8 +73,8 @@ def test_perplexity_computes_quantized_weights_once(setup, monkeypatch):
     model, _, windows = setup
     model = copy.deepcopy(model)
     calls = []
-    real = wrappers.RotateQuantWeight.forward
-    monkeypatch.setattr(wrappers.RotateQuantWeight, "forward", lambda self, w: calls.append(1) or real(self, w))
+    real = fakequant.RotateQuantWeight.forward
+    monkeypatch.setattr(fakequant.RotateQuantWeight, "forward", lambda self, w: calls.append(1) or real(self, w))
     handle = wrap_model(model, quant=q(w=4))
     n_param = len(handle._parametrized)
     ppl = perplexity(model, windows[:4], progress=False)
@@ -93,10 +94,10 @@ def test_settings_float_rotation_invariance_and_quantizers(setup, monkeypatch):
     assert had16["settings"]["r3"] and had16["settings"]["r4"] and had16["settings"]["seed"] == 0
 
     counts = {"act": 0, "w": 0}
-    real_act, real_w = quant_mod.quantize_activation, wrappers.quantize_weight
+    real_act, real_w = quant_mod.quantize_activation, fakequant.quantize_weight
     monkeypatch.setattr(quant_mod, "quantize_activation", lambda x, s: counts.__setitem__("act", counts["act"] + 1)
                         or real_act(x, s))
-    monkeypatch.setattr(wrappers, "quantize_weight", lambda w, s: counts.__setitem__("w", counts["w"] + 1)
+    monkeypatch.setattr(fakequant, "quantize_weight", lambda w, s: counts.__setitem__("w", counts["w"] + 1)
                         or real_w(w, s))
     w4a4 = evaluate_setting(fresh(setup), windows, rotation="hadamard", quant=q(4, 4, 4), progress=False)
     assert w4a4["ppl"] > float_ppl * 1.01
@@ -150,7 +151,7 @@ def test_gptq_is_sequential_and_sees_online_r4(setup):
     quantized layers before it, taken after the online R4 hook (so x H, not x, for down_proj)."""
     _, calib, _ = setup
     model = fresh(setup)
-    from spinlearn.wrappers import fold_r4
+    from spinlearn.fakequant import fold_r4
 
     fold_r4(model)
     hooks = wrap_model(model, quant=QuantSettings(), r4=True, r4_in_weights=False)

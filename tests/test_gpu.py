@@ -5,12 +5,13 @@ import torch
 
 import spinlearn
 from spinlearn.hadamard import fast_hadamard_transform, hadamard_matrix
-from spinlearn.pipeline import make_matrices, prepare_model
+from spinlearn.rotation_plan import make_matrices, prepare_model
 from spinlearn.quant import QuantSpec, quantizers_disabled
 from spinlearn.rotations import RotationBank
-from spinlearn.testing import layout_for, logits_in_model_dtype, tiny_model
+from helpers import layout_for, logits_in_model_dtype, tiny_model
 from spinlearn.trainer import make_optimizer
-from spinlearn.wrappers import QuantSettings, wrap_model
+from spinlearn.fakequant import wrap_model
+from spinlearn.quant import QuantSettings
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spinlearn
-from spinlearn.testing import float64_exact_norms, logits_in_model_dtype, tiny_model
+from helpers import float64_exact_norms, logits_in_model_dtype, tiny_model
 
 OUTLIER_CHANNELS = [5, 17, 40]
 SCALE = 40.0

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import spinlearn
 from spinlearn.layout import LayoutError
 from spinlearn.rotations import orthogonality_error
-from spinlearn.testing import FAMILIES, float64_exact_norms, layout_for, logits_in_model_dtype, tiny_model
+from helpers import FAMILIES, float64_exact_norms, layout_for, logits_in_model_dtype, tiny_model
 
 MODES = ["hadamard", "base_hadamard", "orthogonal"]
 

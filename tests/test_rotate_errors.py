@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 import spinlearn
-from spinlearn import export
+from spinlearn import artifacts
 from spinlearn.cli import main
 from spinlearn.layout import LayoutError, load_layout, shipped_layouts
-from spinlearn.testing import tiny_model
+from helpers import tiny_model
 
 UNIVERSAL = load_layout("transformer_universal").to_dict()
 
@@ -205,7 +205,7 @@ def test_failure_while_writing_keeps_the_old_output(model_dir, tmp_path, capsys,
     def broken(*args, **kwargs):
         raise ValueError("disk said no")
 
-    monkeypatch.setattr(export, "save_rotations", broken)
+    monkeypatch.setattr(artifacts, "save_rotations", broken)
     assert main(_argv(model_dir, out, "--overwrite")) == 2
     assert "disk said no" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from spinlearn.config import load_recipe
 from spinlearn.data import load_text, tokenize_concat
-from spinlearn.modeling import load_tokenizer
+from spinlearn.loading import load_tokenizer
 from spinlearn.optim import max_orthogonality_error
-from spinlearn.testing import save_tiny_model_dir
-from spinlearn.trainer import OPTIMIZER_FILE, ROTATIONS_FILE, RotationTrainer
-from spinlearn.wrappers import ONLINE_KEY, apply_online_rotations
+from helpers import save_tiny_model_dir
+from spinlearn.artifacts import OPTIMIZER_FILE, ROTATIONS_FILE
+from spinlearn.trainer import RotationTrainer
+from spinlearn.fakequant import ONLINE_KEY, apply_online_rotations
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "spinlearn" / "demo" / "data"
@@ -318,7 +319,7 @@ def test_two_process_ddp_ranks_agree_and_match_one_process_with_the_same_global_
     # ... which is a real agreement: training moved the matrices far more than that from their start.
     from transformers import AutoModelForCausalLM
 
-    from spinlearn.pipeline import make_matrices, prepare_model
+    from spinlearn.rotation_plan import make_matrices, prepare_model
 
     plan = prepare_model(AutoModelForCausalLM.from_pretrained(assets["model"]), "transformer_universal")
     init = make_matrices(plan, mode="hadamard", seed=0)

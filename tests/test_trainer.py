@@ -18,10 +18,10 @@ from spinlearn.data import TokenBlockDataset
 from spinlearn.fusion import fold_rotations
 from spinlearn.layout import BANK_ATTR
 from spinlearn.optim import CayleySGD, max_orthogonality_error
-from spinlearn.pipeline import make_matrices, prepare_model
+from spinlearn.rotation_plan import make_matrices, prepare_model
 from spinlearn.quant import QuantSpec, quantizers_disabled
 from spinlearn.rotations import RotationBank
-from spinlearn.testing import tiny_model
+from helpers import tiny_model
 from spinlearn.trainer import (
     NonFiniteLossError,
     RotationTrainer,
@@ -29,7 +29,8 @@ from spinlearn.trainer import (
     _unflatten_optimizer_state,
     make_optimizer,
 )
-from spinlearn.wrappers import QuantSettings, wrap_model
+from spinlearn.fakequant import wrap_model
+from spinlearn.quant import QuantSettings
 
 OUTLIER_CHANNELS = [5, 17, 40]
 OUTLIER_SCALE = 40.0

@@ -67,7 +67,7 @@ def float64_exact_norms(model) -> None:
     invariance check at ~1e-7. Tests that check rotations to 1e-9 swap in the same formula in float64."""
     import types
 
-    from .fusion import inspect_norm
+    from spinlearn.fusion import inspect_norm
 
     for mod in model.modules():
         cls = type(mod).__name__
@@ -96,7 +96,7 @@ def save_tiny_model_dir(path, family: str = "llama", tokenizer_dir=None, seed: i
 
     from transformers import AutoTokenizer
 
-    tokenizer_dir = tokenizer_dir or Path(__file__).parent / "demo" / "model"
+    tokenizer_dir = tokenizer_dir or Path(__file__).resolve().parents[1] / "spinlearn" / "demo" / "model"
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = tiny_model(family, seed=seed, vocab_size=len(tok), **overrides)
     model.save_pretrained(str(path), safe_serialization=True)

@@ -15,23 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .export import save_model_dir, save_rotations
+from .artifacts import save_model_dir, save_rotations
+from .choices import ROTATION_MODE_LABELS
 from .fusion import fold_rotations
 from .layout import BANK_ATTR
-from .modeling import check_model_path, load_causal_lm, load_tokenizer
-from .pipeline import make_matrices, prepare_model
-from .quant import QuantSpec
+from .loading import check_model_path, load_causal_lm, load_tokenizer
+from .rotation_plan import make_matrices, prepare_model
 from .report import format_table
 from .rotations import RotationBank
-from .wrappers import (
-    ONLINE_KEY,
-    QuantSettings,
-    apply_online_rotations,
-    check_online_hadamards,
-    fold_r4,
-    online_rotation_record,
-    wrap_model,
-)
+from .fakequant import ONLINE_KEY, apply_online_rotations, check_online_hadamards, fold_r4, online_rotation_record, wrap_model
+from .quant import QuantSettings
 
 DUMP_RANKS_ENV = "SPINLEARN_DUMP_RANK_ROTATIONS"
 
@@ -145,7 +138,7 @@ def run_training(cfg) -> dict:
         metrics["ppl_float"] = ppl("float")
         if cfg.eval.baselines:
             h = wrap_model(model, quant=qtrain)
-            metrics["ppl_quant_no_rotation"] = ppl(f"{_qname(qtrain)} RTN, no rotation")
+            metrics["ppl_quant_no_rotation"] = ppl(f"{qtrain.name} RTN, no rotation")
             h.remove()
 
     # --- rotations as Stiefel parameters, wrappers, training ---------------------------------------------
@@ -158,7 +151,7 @@ def run_training(cfg) -> dict:
         p.requires_grad_(True)
     handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
     if windows is not None:
-        metrics["ppl_quant_before"] = ppl(f"{_qname(qtrain)} RTN, {INIT_LABELS[cfg.rotation.init]} rotation")
+        metrics["ppl_quant_before"] = ppl(f"{qtrain.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation")
 
     trainer = RotationTrainer(
         model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=bank,
@@ -202,7 +195,7 @@ def run_training(cfg) -> dict:
     # --- learned row on the fused model: exactly what a user of the export gets --------------------------
     if windows is not None:
         h = apply_online_rotations(model, qtrain)
-        metrics["ppl_quant_after"] = ppl(f"{_qname(qtrain)} RTN, learned rotation")
+        metrics["ppl_quant_after"] = ppl(f"{qtrain.name} RTN, learned rotation")
         h.remove()
 
     # --- export (main process only) ----------------------------------------------------------------------
@@ -224,12 +217,8 @@ def run_training(cfg) -> dict:
         from .evaluate import evaluate_setting
 
         g = cfg.quant.gptq
-        wbits = g.w_bits or (cfg.quant.w_bits if cfg.quant.w_bits < 16 else 4)
-        wspec = QuantSpec(bits=wbits, sym=cfg.quant.w_sym, group_size=cfg.quant.w_groupsize)
-        if cfg.quant.w_method == "gptq":
-            gq, label = QuantSettings(w=wspec, a=qtrain.a, kv=qtrain.kv), f"W{wbits}A{qtrain.a.bits}KV{qtrain.kv.bits}"
-        else:
-            gq, label = QuantSettings(w=wspec), f"W{wbits}A16"
+        gq = QuantSettings.for_gptq(cfg.quant, with_activations=cfg.quant.w_method == "gptq")
+        label = gq.name.removesuffix("KV16")
         res = evaluate_setting(
             model, windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=blocks[: g.nsamples],
             gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
@@ -250,8 +239,4 @@ def run_training(cfg) -> dict:
     return metrics
 
 
-INIT_LABELS = {"hadamard": "random Hadamard", "base_hadamard": "Hadamard", "orthogonal": "random orthogonal"}
 
-
-def _qname(q: QuantSettings) -> str:
-    return f"W{q.w.bits}A{q.a.bits}KV{q.kv.bits}"

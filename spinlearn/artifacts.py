@@ -1,7 +1,8 @@
-"""Writing results: a plain Hugging Face model directory plus the matrices and metadata, atomically.
+"""What a run or an export writes, under which names, and how (atomically).
 
-Everything is first written to a hidden temporary sibling and renamed into place at the end, so a failure
-never leaves a half-written output directory.
+Every file and directory name of an output (``rotations.safetensors``, the ``model/`` sub-directory, ...) is
+defined here once. Everything is first written to a hidden temporary sibling and renamed into place at the end,
+so a failure never leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+ROTATIONS_FILE = "rotations.safetensors"  # learned / applied matrices, by instance name
+MODEL_DIR = "model"  # a run's fused float model (plain Hugging Face directory)
+RECIPE_FILE = "recipe.yaml"  # the fully resolved recipe
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.md"
+LAYOUT_FILE = "layout.yaml"  # the resolved layout `spinlearn rotate` applied
+RUN_MARKER = "spinlearn_run.json"  # marks a directory as one spinlearn run (id, start time, status)
+EXPORT_DIR_PREFIX = "export-"  # a run's deployable exports: export-SCHEME/
+OPTIMIZER_FILE = "optimizer.safetensors"  # Trainer checkpoints: optimizer state (momentum included)
+SCHEDULER_FILE = "scheduler.json"
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

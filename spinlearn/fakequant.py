@@ -10,38 +10,19 @@ quantized (after RoPE, and after the online R3 Hadamard when on) inside a regist
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .hadamard import fast_hadamard_transform, supported_order
 from .layout import addressable_targets
-from .quant import ActQuantizer, QuantSpec, quantize_weight
+from .quant import ActQuantizer, QuantSettings, QuantSpec, quantize_weight
 from .rotations import RotationBank, rotate_axis
 
 ATTN_NAME = "spinlearn_sdpa"
 R4_PATTERN = "*mlp.down_proj|*mixer.down_proj|*fc2"
 QUANT_SKIP = ("*mlp.gate", "*router*")  # MoE routers stay in float (tiny, and they pick experts)
 ONLINE_KEY = "spinlearn_online_rotations"  # config attribute recording online Hadamards for serving
-
-
-@dataclass
-class QuantSettings:
-    w: QuantSpec = field(default_factory=QuantSpec)
-    a: QuantSpec = field(default_factory=QuantSpec)
-    kv: QuantSpec = field(default_factory=lambda: QuantSpec(sym=False))
-    lm_head: QuantSpec = field(default_factory=QuantSpec)  # weights of lm_head; 16 bits = left alone
-
-    @classmethod
-    def from_recipe(cls, q) -> QuantSettings:
-        return cls(
-            w=QuantSpec(bits=q.w_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
-            a=QuantSpec(bits=q.a_bits, sym=q.a_sym, group_size=q.a_groupsize, clip_ratio=q.a_clip),
-            kv=QuantSpec(bits=q.kv_bits, sym=q.kv_sym, group_size=q.kv_groupsize),
-            lm_head=QuantSpec(bits=q.lm_head_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
-        )
 
 
 class RotateQuantWeight(nn.Module):
@@ -69,7 +50,7 @@ class RotateQuantWeight(nn.Module):
         return x.to(w.dtype)
 
 
-class _KVState(nn.Module):
+class KVQuantizers(nn.Module):
     def __init__(self, head_dim: int, spec: QuantSpec, r3: bool):
         super().__init__()
         self.r3 = r3
@@ -157,7 +138,7 @@ def _act_quant_hook(module, args, kwargs):
     return (module.spinlearn_act(args[0]), *args[1:]), kwargs
 
 
-class WrappedModel:
+class FakeQuantHooks:
     """Handle on a model with rotation parametrizations, quantizer hooks and the KV attention function."""
 
     def __init__(self, model: nn.Module):
@@ -200,14 +181,14 @@ def wrap_model(
     r3: bool = False,
     r4: bool = False,
     r4_in_weights: bool = True,
-) -> WrappedModel:
+) -> FakeQuantHooks:
     """Install rotations (plan + bank), online Hadamards (r3/r4) and fake quantizers on ``model``.
 
     With no plan/bank only quantizers (and online Hadamards) are installed: the baseline evaluations and the
     evaluation of an exported model use that. ``r4_in_weights=False`` is for exported models, whose
     down_proj already holds the folded Hadamard: only the online half is installed."""
     quant = quant or QuantSettings()
-    handle = WrappedModel(model)
+    handle = FakeQuantHooks(model)
     targets = addressable_targets(model)
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
@@ -261,7 +242,7 @@ def wrap_model(
     if quant.kv.enabled or r3:
         _register_attention()
         for _, mod in attention_modules(model):
-            mod.spinlearn_kv = _KVState(int(mod.head_dim), quant.kv, r3)
+            mod.spinlearn_kv = KVQuantizers(int(mod.head_dim), quant.kv, r3)
             handle._attr_added.append((mod, "spinlearn_kv"))
         handle._old_attn = model.config._attn_implementation
         model.config._attn_implementation = ATTN_NAME
@@ -279,7 +260,7 @@ def online_rotation_record(model: nn.Module, r3: bool, r4: bool) -> dict:
     return rec
 
 
-def apply_online_rotations(model: nn.Module, quant: QuantSettings | None = None) -> WrappedModel | None:
+def apply_online_rotations(model: nn.Module, quant: QuantSettings | None = None) -> FakeQuantHooks | None:
     """Install the online Hadamards recorded in an exported model's config (and optional quantizers)."""
     rec = getattr(model.config, ONLINE_KEY, None) or {}
     if not rec and quant is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .choices import ROTATION_MODES
 from .fusion import center_writers, check_unfused_norms, fold_rotations, fuse_norms, untie_embeddings
 from .layout import (
     Layout,
@@ -134,8 +135,8 @@ def rotate(
     Returns the model and the matrices applied (name -> float64 tensor). With ``verify`` the logits on a
     short random probe are compared before/after and a mismatch raises instead of returning a broken model.
     """
-    if mode is not None and mode not in ("hadamard", "base_hadamard", "orthogonal"):
-        raise ValueError(f"mode={mode!r}: use hadamard, base_hadamard or orthogonal")
+    if mode is not None and mode not in ROTATION_MODES:
+        raise ValueError(f"mode={mode!r}: use one of {', '.join(ROTATION_MODES)}")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype

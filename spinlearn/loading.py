@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .choices import LOAD_DTYPES
+
+DTYPES = {name: getattr(torch, name) for name in LOAD_DTYPES}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
