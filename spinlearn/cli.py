@@ -15,19 +15,24 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, Connect
 def _cmd_rotate(args: argparse.Namespace) -> None:
     from .artifacts import LAYOUT_FILE, ROTATIONS_FILE, atomic_output_dir, check_output_dir, save_model_dir, save_rotations
     from .layout import load_layout
-    from .loading import check_model_path, load_causal_lm, parse_dtype
+    from .loading import check_model_dir, load_causal_lm, parse_dtype
     from .rotation_plan import rotate
 
     # Cheap checks first: nothing is loaded or written if these fail.
     check_output_dir(args.output, args.overwrite)
-    check_model_path(args.model)
-    layout = load_layout(args.layout)
+    check_model_dir(args.model)
+    layout = None if args.layout == "auto" else load_layout(args.layout)
     parse_dtype(args.dtype)
 
     t0 = time.perf_counter()
     model = load_causal_lm(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                            device=args.device)
     t_load = time.perf_counter() - t0
+    if layout is None:  # --layout auto: inferred from the model, printed so the user can keep it
+        from .layout_infer import infer_layout
+
+        layout = infer_layout(model)
+        print(f"# layout inferred from {type(model).__name__} (also written to OUT/layout.yaml)\n{layout.to_yaml()}")
     model, matrices = rotate(model, layout, mode=args.mode, seed=args.seed, verify=not args.no_verify)
     t_rot = time.perf_counter() - t0 - t_load
     with atomic_output_dir(args.output, args.overwrite) as tmp:
@@ -48,6 +53,21 @@ def _cmd_rotate(args: argparse.Namespace) -> None:
         f"rotated {type(model).__name__} with layout {layout.name!r} ({len(matrices)} matrices) -> {args.output} "
         f"[load {t_load:.1f}s, rotate {t_rot:.1f}s, total {t_total:.1f}s]"
     )
+
+
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    from .config import RECIPE_DIR, copy_recipe, recipe_command, shipped_recipes
+
+    if args.action == "cp":
+        dest = copy_recipe(args.name, args.dest, overwrite=args.overwrite)
+        print(f"copied recipe {args.name!r} to {dest}; run it with: spinlearn train --config {dest}")
+        return
+    recipes = shipped_recipes()
+    width = max(map(len, recipes), default=0)
+    print(f"shipped recipes ({RECIPE_DIR}):")
+    for name, path in recipes.items():
+        print(f"  {name:<{width}}  {recipe_command(path)}")
+    print("copy one to edit it: spinlearn recipes cp NAME DEST.yaml")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -76,9 +96,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
-    from .evaluate import check_safetensors, evaluate_setting, learned_source
+    from .evaluate import evaluate_setting, learned_source
     from .artifacts import load_rotations
-    from .loading import check_model_path, load_tokenizer, parse_dtype
+    from .loading import check_model_dir, check_seqlen, load_tokenizer, parse_dtype
     from .quant import QuantSettings
 
     # Cheap checks first: nothing is loaded if these fail.
@@ -94,8 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     parse_dtype(args.dtype)
     if args.tasks and not _lm_eval_available():
         raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")
-    check_model_path(args.model)
-    check_safetensors(args.model)
+    check_seqlen(check_model_dir(args.model), args.seqlen, "--seqlen")
     if args.rotation == "learned":
         if args.rotations:
             load_rotations(args.rotations)  # a missing or corrupt file is named here
@@ -145,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("rotate", help="fold data-free R1/R2 rotations into a Hugging Face model")
     r.add_argument("--model", required=True, help="local Hugging Face model directory")
-    r.add_argument("--layout", default="transformer_universal", help="shipped layout name or a YAML path")
+    r.add_argument("--layout", default="transformer_universal",
+                   help="shipped layout name, a YAML path, or auto (inferred from the model)")
     r.add_argument("--output", required=True, help="output directory (a plain HF model directory)")
     r.add_argument("--mode", choices=ROTATION_MODES, default=None,
                    help="override every matrix's mode (default: the layout's)")
@@ -195,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline only with task data already cached)")
     e.add_argument("--task-limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
     e.set_defaults(func=_cmd_eval)
+
+    rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit (spinlearn recipes cp demo my.yaml)")
+    rc.set_defaults(func=_cmd_recipes, action="list")
+    rsub = rc.add_subparsers(dest="action")
+    rsub.add_parser("list", help="list the shipped recipes with the command that runs each (the default)")
+    cp = rsub.add_parser("cp", help="copy a shipped recipe to a path (demo paths become the installed files)")
+    cp.add_argument("name", help="shipped recipe name, e.g. demo")
+    cp.add_argument("dest", help="destination file (or directory)")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
 
     return p
 

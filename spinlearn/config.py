@@ -15,13 +15,18 @@ checking a recipe stays fast (``training_arguments_kwargs`` imports torch lazily
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
+import enum
+import functools
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .choices import BITS_RANGE, EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
@@ -43,6 +48,12 @@ __all__ = [
     "validate",
     "recipe_to_yaml",
     "training_arguments_kwargs",
+    "training_arguments_fields",
+    "RESERVED_TRAIN_KEYS",
+    "RECIPE_DIR",
+    "shipped_recipes",
+    "recipe_command",
+    "copy_recipe",
 ]
 
 # Accepted values of the enum-like string settings.
@@ -128,8 +139,9 @@ class RotationConfig:
 
 @dataclass
 class LossConfig:
-    kl_weight: float = 0.0  # >0 adds KL(student || float teacher) * kl_weight
+    kl_weight: float = 0.0  # >0 adds kl_weight * KL(float teacher || quantized student), per token
     ce_weight: float = 1.0  # causal-LM cross-entropy of the quantized model
+    kl_topk: Optional[int] = None  # KL restricted to the teacher's top-k logits per token; null = the full vocabulary
 
 
 @dataclass
@@ -150,12 +162,15 @@ class TrainConfig:
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
     run_name: Optional[str] = None
-    resume_from_checkpoint: Optional[str] = None
+    # latest | true (the newest complete checkpoint under output_dir) | a checkpoint-N path | null; see resolve_resume
+    resume_from_checkpoint: Any = None
+    # Any other transformers.TrainingArguments field may be set here too (checked against TrainingArguments itself).
 
 
 @dataclass
 class EvalConfig:
     baselines: bool = True  # also evaluate float, no-rotation and random-Hadamard models
+    guard: bool = True  # keep the start matrices when the learned ones are worse on the evaluation split
     batch_size: int = 1
 
 
@@ -194,6 +209,106 @@ def quant_section(**values) -> DictConfig:
     return merged
 
 
+# ------------------------------------------------------------- train.*: TrainingArguments passthrough
+# TrainingArguments fields spinlearn sets itself or does not use: a recipe key for them would break the job or
+# be silently ignored.
+RESERVED_TRAIN_KEYS = {
+    "output_dir": "set the top-level 'output_dir'",
+    "per_device_eval_batch_size": "set 'eval.batch_size'",
+    "remove_unused_columns": "spinlearn sets it to false (its collator feeds input_ids/labels only)",
+    "ddp_find_unused_parameters": "spinlearn sets it to false (every rotation gets a gradient each step)",
+    "activation_checkpointing": "set 'train.gradient_checkpointing' (spinlearn maps it to the current name)",
+    "activation_checkpointing_kwargs": "spinlearn sets use_reentrant=false (the weights are frozen)",
+    "gradient_checkpointing_kwargs": "spinlearn sets use_reentrant=false (the weights are frozen)",
+    **dict.fromkeys(
+        ("optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon"),
+        f"the rotations are trained by 'rotation.optimizer' ({' | '.join(ROTATION_OPTIMIZERS)}) with "
+        "'rotation.momentum'; TrainingArguments' optimizer settings would be ignored",
+    ),
+}
+_ALSO_TRAIN = ", or any transformers.TrainingArguments field"
+
+
+@functools.lru_cache(maxsize=1)
+def training_arguments_fields() -> dict[str, Any]:
+    """``transformers.TrainingArguments``' settable fields and their types (imports transformers, once: only
+    recipes with ``train`` keys beyond :class:`TrainConfig` need it)."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments)
+            if f.init and not f.name.startswith("_")}
+
+
+def _train_passthrough_ok(path: str, siblings: list[str], source: str) -> bool:
+    """True for a ``train.KEY`` that is a TrainingArguments field spinlearn leaves to the user; else RecipeError."""
+    key = path.rpartition(".")[2]
+    if key in RESERVED_TRAIN_KEYS:
+        raise RecipeError(f"recipe key '{path}' ({source}) cannot be set here: {RESERVED_TRAIN_KEYS[key]}")
+    fields = training_arguments_fields()
+    if key in fields:
+        return True
+    raise _unknown_key_error(path, siblings, _schema(), source, more=fields, also=_ALSO_TRAIN)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether a recipe value fits a TrainingArguments annotation (lenient where a type cannot be checked)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # Union[SomeEnum, str]: the string must name a member
+            return any(_type_ok(value, e) for e in enums)
+        return any(_type_ok(value, a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp} or value in {m.name for m in tp}
+    if (origin or tp) is dict:
+        return isinstance(value, Mapping)
+    if (origin or tp) is list:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    return True  # a class a recipe cannot spell (e.g. ParallelismConfig): left to TrainingArguments
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(repr(m.value) for m in tp)
+    if typing.get_origin(tp) is typing.Union or type(tp).__name__ == "UnionType":
+        args = typing.get_args(tp)
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = [a for a in args if a is not str]  # the enum's values are the strings accepted
+        return " | ".join(_type_name(a) for a in args)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check_train_passthrough(cfg: DictConfig, errors: list[str]) -> None:
+    """Type-check the ``train`` keys that pass through to TrainingArguments against its annotations."""
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    extra = [k for k in cfg.train.keys() if k not in own]
+    if not extra:
+        return
+    fields = training_arguments_fields()
+    values = OmegaConf.to_container(cfg.train, resolve=True)
+    for key in extra:
+        tp, value = fields.get(key, Any), values[key]
+        if not _type_ok(value, tp):
+            errors.append(f"train.{key}: expected {_type_name(tp)} (transformers.TrainingArguments.{key}), "
+                          f"got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------- loading
 def _schema() -> DictConfig:
     return OmegaConf.structured(RecipeConfig)
@@ -208,10 +323,13 @@ def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown_key_error(path: str, siblings: list[str], schema: DictConfig, source: str) -> RecipeError:
+def _unknown_key_error(path: str, siblings: list[str], schema: DictConfig, source: str,
+                       more: Iterable[str] = (), also: str = "") -> RecipeError:
+    """``more``: further valid names for the did-you-mean (not listed); ``also``: what else is valid, in words."""
     parent, _, key = path.rpartition(".")
     prefix = f"{parent}." if parent else ""
-    close = [prefix + k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)]
+    pool = list(dict.fromkeys([*siblings, *more]))
+    close = [prefix + k for k in difflib.get_close_matches(key, pool, n=3, cutoff=0.6)]
     if not close:  # perhaps the key exists in another section (train.w_bits -> quant.w_bits)
         leaves = _leaf_paths(schema)
         close = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
@@ -219,7 +337,7 @@ def _unknown_key_error(path: str, siblings: list[str], schema: DictConfig, sourc
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     where = f"'{parent}'" if parent else "the top level"
     return RecipeError(
-        f"unknown recipe key '{path}' ({source}): {hint}valid keys under {where}: {', '.join(siblings)}"
+        f"unknown recipe key '{path}' ({source}): {hint}valid keys under {where}: {', '.join(siblings)}{also}"
     )
 
 
@@ -232,6 +350,8 @@ def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") ->
     for key, value in user.items():
         path = f"{prefix}{key}"
         if str(key) not in siblings:
+            if prefix == "train." and _train_passthrough_ok(path, siblings, source):
+                continue
             raise _unknown_key_error(path, siblings, _schema(), source)
         child = schema._get_node(str(key))
         if isinstance(child, DictConfig):
@@ -256,7 +376,10 @@ def _merge(base: DictConfig, user: DictConfig, source: str) -> DictConfig:
     _check_keys(OmegaConf.to_container(user, resolve=False), base, source)
     _normalise(user)
     try:
-        return OmegaConf.merge(base, user)
+        with open_dict(base.train):  # TrainingArguments fields pass through (checked by _check_keys)
+            merged = OmegaConf.merge(base, user)
+        OmegaConf.set_struct(merged.train, None)  # typed again: only _merge may add keys
+        return merged
     except OmegaConfBaseException as e:  # type errors: w_bits=four, model.path=null ...
         key = getattr(e, "full_key", None) or "?"
         msg = str(getattr(e, "msg", e)).strip().splitlines()[0]
@@ -285,7 +408,10 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> DictC
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {str(path)!r} (see recipes/ for shipped recipes)")
+            shipped = f"; copy it with: spinlearn recipes cp {path} {path}.yaml" if str(path) in shipped_recipes() else ""
+            raise FileNotFoundError(
+                f"recipe file not found: {str(path)!r} (`spinlearn recipes` lists the shipped recipes{shipped})"
+            )
         try:
             user = OmegaConf.load(path)
         except Exception as e:
@@ -375,12 +501,13 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     layout = r.layout
     shipped = sorted(p.stem for p in _LAYOUT_DIR.glob("*.yaml"))
     is_path = layout.endswith((".yaml", ".yml")) or "/" in layout
-    need(is_path or layout in shipped, "rotation.layout",
-         f"must be a shipped layout ({' | '.join(shipped)}) or a path to a layout .yaml")  # fmt: skip
+    need(is_path or layout in shipped or layout == "auto", "rotation.layout",
+         f"must be a shipped layout ({' | '.join(shipped)}), a path to a layout .yaml, or auto")  # fmt: skip
     need(0 <= r.momentum < 1, "rotation.momentum", "must be in [0, 1)")
 
     need(cfg.loss.kl_weight >= 0, "loss.kl_weight", "must be >= 0")
     need(cfg.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
+    positive("loss.kl_topk", optional=True)
     if cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0:
         errors.append("loss: ce_weight and kl_weight are both 0, so nothing would be trained; make one > 0")
 
@@ -402,6 +529,10 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     names_ok = all(isinstance(x, str) and x.strip() for x in reports)
     need(names_ok, "train.report_to", "must be a list of integration names")
     need("none" not in reports or reports == ["none"], "train.report_to", "'none' cannot be combined with integrations")
+    resume = t.resume_from_checkpoint
+    need(resume is None or isinstance(resume, bool) or (isinstance(resume, str) and bool(resume.strip())),
+         "train.resume_from_checkpoint", "must be latest | true (the newest complete checkpoint) | a path | null")
+    _check_train_passthrough(cfg, errors)
     positive("eval.batch_size")
 
 
@@ -429,6 +560,49 @@ def validate(cfg: DictConfig | Mapping) -> DictConfig:
 def recipe_to_yaml(cfg: DictConfig) -> str:
     """The fully resolved recipe as YAML (saved next to checkpoints and exports)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# ------------------------------------------------------------------------------------ shipped recipes
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # recipes ship inside the package
+# The demo recipe names the bundled files relative to a checkout; a copy names the installed ones instead.
+_PACKAGE_RELATIVE = re.compile(r"(?<![\w./-])spinlearn/demo/")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipe name (file stem) -> file."""
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def recipe_command(path: str | Path) -> str:
+    """A recipe's first comment line: the command that runs it."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    first = next((line for line in lines if line.startswith("#")), "")
+    return first.lstrip("#").strip()
+
+
+def copy_recipe(name: str, dest: str | Path, overwrite: bool = False) -> Path:
+    """Copy the shipped recipe ``name`` to ``dest`` (a file, or a directory to put NAME.yaml in), with its
+    ``spinlearn/demo/...`` paths made absolute paths of the installed package, so that it runs from anywhere."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        close = difflib.get_close_matches(name, list(recipes), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"no shipped recipe {name!r}: {hint}shipped recipes: {', '.join(recipes)}")
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / f"{name}.yaml"
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{str(dest)!r} exists; pass --overwrite to replace it")
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(f"directory {str(dest.parent)!r} does not exist; create it or pick another path")
+    demo = (Path(__file__).resolve().parent / "demo").as_posix() + "/"
+    lines = recipes[name].read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = [line if line.lstrip().startswith("#") else _PACKAGE_RELATIVE.sub(demo, line) for line in lines]
+    lines.insert(1, f"# (copied from spinlearn's shipped recipe {name!r}; from anywhere: spinlearn train --config {dest})\n")
+    from .artifacts import atomic_write_text
+
+    atomic_write_text(dest, "".join(lines))
+    return dest
 
 
 # ---------------------------------------------------------------------------------- HF Trainer glue
@@ -468,5 +642,5 @@ def training_arguments_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if "save_safetensors" in params:  # removed in transformers 5 (always safetensors there)
         kwargs["save_safetensors"] = True
     if not torch.cuda.is_available():
-        kwargs["use_cpu"] = True
+        kwargs.setdefault("use_cpu", True)
     return kwargs

@@ -7,7 +7,11 @@ consecutive non-overlapping windows.
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import glob
+import gzip
+import lzma
 import os
 import socket
 import threading
@@ -146,6 +150,76 @@ def _resolve_files(source: str) -> list[str]:
     return files
 
 
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_CHECK_WHOLE_FILE_BYTES = 256 << 20  # text files up to this size are checked whole; larger ones, their start
+_CHUNK = 1 << 20
+
+
+def _chunks(path: str):
+    """The file's (decompressed) bytes in chunks, up to _CHECK_WHOLE_FILE_BYTES (none for .zst: no stdlib codec)."""
+    ext = os.path.splitext(path.lower())[1]
+    if ext == ".zst":
+        return
+    with _OPENERS.get(ext, open)(path, "rb") as f:
+        read = 0
+        while read < _CHECK_WHOLE_FILE_BYTES and (chunk := f.read(_CHUNK)):
+            read += len(chunk)
+            yield chunk
+
+
+def _decode(decoder, chunk: bytes, path: str, offset: int, final: bool = False) -> str:
+    try:
+        return decoder.decode(chunk, final=final)
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start] if e.start < len(e.object) else None
+        what = f"byte 0x{byte:02x}" if byte is not None else "an incomplete character"
+        raise ValueError(
+            f"data file {path!r} is not UTF-8 text ({what} near offset {offset + e.start}); "
+            f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {'.utf8'.join(os.path.splitext(path))}"
+        ) from None
+
+
+def _check_text_file(path: str) -> None:
+    """Refuse, naming the file, a text/JSON data file that is empty, binary or not UTF-8 (datasets' own error
+    is a long traceback that never says which file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    try:
+        for chunk in _chunks(path):
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise ValueError(f"data file {path!r} is binary, not text (a NUL byte at offset {offset + nul}); "
+                                 "pass a UTF-8 .txt/.json/.jsonl file or a .parquet file")
+            has_text = bool(_decode(decoder, chunk, path, offset).strip()) or has_text
+            offset += len(chunk)
+        if offset < _CHECK_WHOLE_FILE_BYTES:
+            _decode(decoder, b"", path, offset, final=True)  # a sequence cut at the end of the file
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise ValueError(f"data file {path!r} cannot be read or decompressed: {e}") from e
+    if offset and not has_text and offset < _CHECK_WHOLE_FILE_BYTES:
+        raise ValueError(f"data file {path!r} holds no text (only whitespace); pass a file with documents")
+
+
+def _check_data_file(path: str, builder: str) -> None:
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file {path!r} is empty; pass a file with documents")
+    if builder != "parquet":
+        _check_text_file(path)
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(-4, os.SEEK_END)
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise ValueError(f"data file {path!r} is not a complete parquet file (no PAR1 marker at its "
+                         f"{'start' if head != b'PAR1' else 'end'}: truncated or another format)")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def _load_local(source: str, cache_dir: str | None) -> datasets.Dataset:
     files = _resolve_files(source)
     builders = {f: _builder_for(f) for f in files}
@@ -158,7 +232,15 @@ def _load_local(source: str, cache_dir: str | None) -> datasets.Dataset:
     # Paragraph samples for text files, so that joining documents with "\n\n" rebuilds the file
     # (runs of blank lines collapse to one).
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+    for f in files:
+        _check_data_file(f, builder)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # malformed JSON, a bad parquet footer, ...: one line naming the files
+        cause = _root_cause(e)
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        named = repr(files[0]) if len(files) == 1 else f"{source!r} ({len(files)} files)"
+        raise ValueError(f"cannot read data file {named}: {why}") from e
 
 
 def load_text(
@@ -190,7 +272,10 @@ def load_text(
             f"{source!r} has no column {column!r}; its columns are {ds.column_names}. "
             "Pass text_field=<one of them> (data.text_field in the recipe)."
         )
-    return [t for t in ds[column] if t is not None]
+    texts = [t for t in ds[column] if t is not None]
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"data source {source!r} holds no text (column {column!r} has no non-empty document)")
+    return texts
 
 
 def tokenize_concat(texts: Sequence[str], tokenizer: Any, *, chunk_chars: int = 32_000_000) -> torch.Tensor:

@@ -6,9 +6,9 @@ optionally GPTQ the weights, install the fake quantizers of ``fakequant.py`` and
 Where a learned rotation is found (``--rotation learned``):
   * an exported model (``train_rotations.py`` writes ``OUT/model/`` and ``OUT/rotations.safetensors``; ``spinlearn
     rotate`` writes both into one directory) already holds its rotations: ``rotations.safetensors`` in the model
-    directory or its parent, or an online-Hadamard record in its config, marks it. Nothing is folded again.
+    directory or its parent marks it. Nothing is folded again. A run's model is a plain float model; the online
+    Hadamards its recipe used (``recipe.yaml`` beside it) are applied when it is evaluated, as in training.
   * a plain (unrotated) model plus ``rotations_file``: the file's matrices are folded with ``layout``.
-Online Hadamards recorded in a model's config are part of its function and are always installed.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .artifacts import ROTATIONS_FILE
+from .artifacts import RECIPE_FILE, ROTATIONS_FILE
+from .loading import check_safetensors  # re-exported; loading.py is its home
 from .choices import EVAL_ROTATIONS as ROTATIONS
 from .choices import WEIGHT_METHODS as W_METHODS
 from .quant import QuantSpec
-from .fakequant import ONLINE_KEY, fold_r4, wrap_model
+from .fakequant import wrap_model
+from .online import fold_online, online_linears
 from .quant import QuantSettings
 
 
@@ -122,24 +124,6 @@ def apply_rotations_file(
 
 
 # --------------------------------------------------------------------------------------------- one setting
-def check_safetensors(model_dir: str | Path) -> None:
-    """Raise ValueError naming the first weights file in ``model_dir`` whose safetensors header is unreadable
-    (cheap: headers only; transformers' own error does not say which file)."""
-    from safetensors import safe_open
-
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        if f.name == ROTATIONS_FILE:
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    fh.get_slice(k)
-        except Exception as e:
-            raise ValueError(
-                f"cannot load the model in {str(model_dir)!r}: corrupt or truncated file {str(f)!r} ({e})"
-            ) from e
-
-
 @torch.no_grad()
 def _rtn_bare_weights(model: nn.Module, spec: QuantSpec) -> list[str]:
     """RTN for weights GPTQ does not handle (3-D MoE expert tensors, not nn.Linear), so no weight stays float."""
@@ -187,9 +171,8 @@ def learned_source(model_path_or_model, rotations_file: str | Path | None = None
     matrices of ``rotations_file`` are to be folded into a plain model. Raises ValueError otherwise."""
     is_model = isinstance(model_path_or_model, nn.Module)
     where = type(model_path_or_model).__name__ if is_model else str(model_path_or_model)
-    online = _model_config(model_path_or_model).get(ONLINE_KEY) or {}
     recorded = None if is_model else recorded_rotations_file(model_path_or_model)
-    exported = recorded is not None or bool(online)
+    exported = recorded is not None
     if rotations_file is not None:
         rf = Path(rotations_file)
         if not rf.is_file():
@@ -198,17 +181,31 @@ def learned_source(model_path_or_model, rotations_file: str | Path | None = None
             return "exported", recorded
         if exported:
             raise ValueError(
-                f"model {where!r} already has rotations folded in (recorded: {recorded or ONLINE_KEY}); "
+                f"model {where!r} already has rotations folded in (recorded: {recorded}); "
                 "drop --rotations, or pass the unrotated model"
             )
         return "file", rf
     if not exported:
         raise ValueError(
             f"--rotation learned needs a model exported by train_rotations.py (no recorded rotations in {where}: "
-            f"no {ROTATIONS_FILE} in the model directory or its parent and no {ONLINE_KEY} in its config); "
+            f"no {ROTATIONS_FILE} in the model directory or its parent); "
             "or pass --rotations FILE together with the unrotated model"
         )
     return "exported", recorded
+
+
+def run_online_settings(model_dir: str | Path) -> dict:
+    """The online Hadamards a training run used (``rotation.r3``, ``rotation.r4``, ``rotation.online`` of the
+    ``recipe.yaml`` beside its ``model/``): the quantized model it measured applies them, so evaluating the
+    export the same way applies them too. Empty for a directory that is not a run's model."""
+    from omegaconf import OmegaConf
+
+    d = Path(model_dir)
+    for base in (d, d.parent):
+        if (base / RECIPE_FILE).is_file() and (base / ROTATIONS_FILE).is_file():
+            rot = OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get("rotation") or {}
+            return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
+    return {}
 
 
 def _spec_dict(spec: QuantSpec) -> dict:
@@ -253,6 +250,7 @@ def evaluate_setting(
     seed: int = 0,
     r3: bool = False,
     r4: bool = False,
+    online=None,
     gptq_kwargs: dict | None = None,
     dtype: str | torch.dtype = "auto",
     batch_size: int = 1,
@@ -265,7 +263,8 @@ def evaluate_setting(
 
     rotation: "none" quantizes the model as it is; "hadamard" folds random Hadamard R1/R2 (``pipeline.rotate``,
     ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
-    r3/r4 add online Hadamards (R4 is folded into down_proj weights first). w_method "gptq" runs
+    r3/r4/online add online Hadamards (``online.online_linears``; their weight half is folded first); a learned
+    run's model also gets the ones its recipe used (``run_online_settings``). w_method "gptq" runs
     ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
     with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
     A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.
@@ -286,7 +285,7 @@ def evaluate_setting(
     model, path = _load(model_path_or_model, dtype)
     model.eval()
     where = str(path) if path is not None else type(model).__name__
-    online = dict(getattr(model.config, ONLINE_KEY, None) or {})
+    recorded = run_online_settings(path) if source is not None and source[0] == "exported" and path else {}
     settings: dict = {"model": where, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                       "rotation": rotation, "layout": layout, "w_method": w_method}
 
@@ -304,19 +303,19 @@ def evaluate_setting(
         settings["rotations_file"] = str(source[1]) if source[1] else None
         settings["rotations_folded"] = False  # the export already holds them
 
-    # --- online Hadamards: the recorded ones belong to the model; requested R4 is folded into the weights ---
-    use_r3 = bool(r3) or "r3" in online
-    use_r4 = bool(r4) or "r4" in online
-    if use_r4 and "r4" not in online:
-        fold_r4(model)
-    settings.update(r3=use_r3, r4=use_r4, online_recorded=sorted(online))
+    # --- online Hadamards (the run's recorded ones plus those asked for): weight half folded here ---------
+    use_r3 = bool(r3) or recorded.get("r3", False)
+    use_r4 = bool(r4) or recorded.get("r4", False)
+    names = online_linears(model, [*(online or []), *recorded.get("online", [])], use_r4)
+    fold_online(model, names)
+    settings.update(r3=use_r3, r4=use_r4, online=len(names), online_recorded=sorted(k for k, v in recorded.items() if v))
 
     # --- weights: GPTQ on the rotated float model (online R4 hook installed, activations float) -------------
     if w_method == "gptq":
         from .gptq import gptq_quantize_model
 
         kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
-        hooks = wrap_model(model, quant=QuantSettings(), r3=use_r3, r4=use_r4, r4_in_weights=False)
+        hooks = wrap_model(model, quant=QuantSettings(), r3=use_r3, online=names, online_in_weights=False)
         try:
             errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
         finally:
@@ -327,7 +326,7 @@ def evaluate_setting(
     else:
         eval_quant = quant
 
-    handle = wrap_model(model, quant=eval_quant, r3=use_r3, r4=use_r4, r4_in_weights=False)
+    handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
     zero = None
     try:
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")

@@ -2,27 +2,32 @@
 
 Nothing here copies weights. Each rotated tensor gets a ``torch.nn.utils.parametrize`` parametrization that
 computes ``R_out^T W R_in`` from the frozen weight and the *current* matrices of a ``RotationBank`` and then
-fake-quantizes it (STE); inputs of quantized linears are fake-quantized by forward pre-hooks; K and V are
+fake-quantizes it (STE); inputs of quantized linears are fake-quantized by forward pre-hooks (3-D MoE experts:
+before each expert projection, inside ``quantized_experts_forward``); K and V are
 quantized (after RoPE, and after the online R3 Hadamard when on) inside a registered attention function.
 ``remove()`` restores the plain module structure so the fusion code can fold the learned matrices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import types
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .hadamard import fast_hadamard_transform, supported_order
+from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
+from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
 from .quant import ActQuantizer, QuantSettings, QuantSpec, quantize_weight
 from .rotations import RotationBank, rotate_axis
 
 ATTN_NAME = "spinlearn_sdpa"
-R4_PATTERN = "*mlp.down_proj|*mixer.down_proj|*fc2"
-QUANT_SKIP = ("*mlp.gate", "*router*")  # MoE routers stay in float (tiny, and they pick experts)
-ONLINE_KEY = "spinlearn_online_rotations"  # config attribute recording online Hadamards for serving
+QUANT_SKIP = ROUTER_GLOBS  # MoE routers stay in float (tiny, and they pick experts)
+BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a model during training
 
 
 class RotateQuantWeight(nn.Module):
@@ -83,59 +88,103 @@ def attention_modules(model: nn.Module):
             yield name, mod
 
 
-def r4_linear_names(model: nn.Module) -> list[str]:
-    """The Linear modules whose input gets the online R4 Hadamard (down_proj and its cousins)."""
-    globs = R4_PATTERN.split("|")
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, g) for g in globs)]
-
-
-def check_r4(model: nn.Module) -> list[str]:
-    names = r4_linear_names(model)
-    if not names:
-        raise ValueError(f"rotation.r4 / --r4 is on but no module matches {R4_PATTERN!r}")
-    for n in names:
-        width = model.get_submodule(n).in_features
-        if not supported_order(width):
-            raise ValueError(
-                f"rotation.r4: the online Hadamard transform has no order {width} (input width of {n!r}); "
-                "set rotation.r4=false for this model"
-            )
-    return names
-
-
-def check_online_hadamards(model: nn.Module, *, r3: bool, r4: bool) -> None:
-    """Refuse widths the online Hadamards cannot handle (R3 over head_dim, R4 over down_proj's input)."""
+def check_online_hadamards(model: nn.Module, *, r3: bool, online: Sequence[str] | None = None, r4: bool = False) -> list[str]:
+    """Refuse widths the online Hadamards cannot handle (R3 over head_dim, input Hadamards over in_features);
+    returns the names of the linears with an online input Hadamard."""
     if r3:
-        for name, mod in attention_modules(model):
-            hd = int(mod.head_dim)
-            if not supported_order(hd):
-                raise ValueError(
-                    f"rotation.r3: the online Hadamard transform has no order {hd} (head_dim of {name!r}); "
-                    "supported orders are 2^m times 1, 12, 20, 28, 36, ... (see spinlearn.hadamard.supported_order). "
-                    "Set rotation.r3=false for this model"
-                )
-    if r4:
-        check_r4(model)
-
-
-@torch.no_grad()
-def fold_r4(model: nn.Module) -> list[str]:
-    """W <- W H (float64) on every R4 module; the online half x -> x H is installed by
-    ``wrap_model(..., r4=True, r4_in_weights=False)`` or ``apply_online_rotations``."""
-    names = check_r4(model)
-    for n in names:
-        lin = model.get_submodule(n)
-        lin.weight.copy_(fast_hadamard_transform(lin.weight.double()).to(lin.weight.dtype))
-    return names
-
-
-def _online_in_hook(module, args, kwargs):
-    return (fast_hadamard_transform(args[0]), *args[1:]), kwargs
+        check_r3(list(attention_modules(model)))
+    return online_linears(model, online, r4)
 
 
 def _act_quant_hook(module, args, kwargs):
     return (module.spinlearn_act(args[0]), *args[1:]), kwargs
+
+
+# 3-D MoE experts (transformers' ``use_experts_implementation`` modules: gate_up_proj / up_proj and down_proj are
+# bare [experts, out, in] parameters of one module) run both projections inside one forward, so no module hook
+# sees the down projection's input act(gate) * up. Their forward is replaced, per instance, by the eager loop
+# below with a quantizer before each projection; with the quantizers off it computes what eager does, op for op.
+EXPERT_INPUT_QUANTIZERS = {
+    "gate_up_proj": "spinlearn_act", "up_proj": "spinlearn_act", "down_proj": "spinlearn_act_down",
+}
+_EXPERTS_CONTRACT = ("num_experts", "has_gate", "has_bias", "is_transposed", "act_fn")
+
+
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    y = x @ w if transposed else nn.functional.linear(x, w)  # w: [in, out] when transposed, else [out, in]
+    return y if b is None else y + b
+
+
+def _quantize_with(module: nn.Module, attr: str, x: torch.Tensor) -> torch.Tensor:
+    q = getattr(module, attr, None)
+    return x if q is None else q(x)
+
+
+def quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Eager experts loop (transformers' reference for ``use_experts_implementation``) with the input of each
+    expert projection fake-quantized per token: ``spinlearn_act`` before gate_up/up, ``spinlearn_act_down``
+    before down_proj. Every parametrized weight is read once per call."""
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    w_up, w_down = getattr(self, up_name), self.down_proj
+    b_up = getattr(self, f"{up_name}_bias") if self.has_bias else None
+    b_down = self.down_proj_bias if self.has_bias else None
+    x = _quantize_with(self, "spinlearn_act", hidden_states)
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit[:, 0].tolist():
+        if e >= self.num_experts:
+            continue
+        pos, tok = torch.where(mask[e])
+        h = _expert_linear(x[tok], w_up[e], None if b_up is None else b_up[e], self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _quantize_with(self, "spinlearn_act_down", h)
+        h = _expert_linear(h, w_down[e], None if b_down is None else b_down[e], self.is_transposed)
+        if getattr(self, "has_post_expert_norm", False):
+            h = self.post_expert_norm(h)
+        out.index_add_(0, tok, (h * top_k_weights[tok, pos, None]).to(out.dtype))
+    return out
+
+
+def _experts_quantizer_attr(experts: nn.Module, name: str) -> str:
+    """Which input quantizer of an experts module the bare parameter ``name`` reads (or a clear refusal)."""
+    missing = [a for a in _EXPERTS_CONTRACT if not hasattr(experts, a)]
+    pname = name.rsplit(".", 1)[-1]
+    if missing or pname not in EXPERT_INPUT_QUANTIZERS or getattr(experts, "_is_expert_parallel", False):
+        raise ValueError(
+            f"cannot fake-quantize the input of {name!r}: activation quantization of bare expert tensors needs a "
+            f"transformers experts module (use_experts_implementation, no expert parallelism) holding "
+            f"{'/'.join(EXPERT_INPUT_QUANTIZERS)}; {type(experts).__name__} "
+            + (f"lacks {missing}" if missing else f"holds {pname!r}")
+        )
+    return EXPERT_INPUT_QUANTIZERS[pname]
+
+
+def _check_expert_inputs(model: nn.Module, targets: dict) -> None:
+    """Raise (see ``_experts_quantizer_attr``) for a bare expert tensor whose input cannot be fake-quantized."""
+    for name, t in targets.items():
+        if t.module is None and not any(fnmatch.fnmatchcase(name, g) for g in QUANT_SKIP):
+            _experts_quantizer_attr(model.get_submodule(name.rsplit(".", 1)[0]), name)
+
+
+def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: FakeQuantHooks) -> None:
+    """Fake-quantize the input of target ``t``: a forward pre-hook on a Linear-like module; for a bare expert
+    tensor, a quantizer in ``quantized_experts_forward``, installed as the experts module's forward."""
+    if t.module is not None:
+        mod, attr = t.module, "spinlearn_act"
+    else:
+        mod = model.get_submodule(name.rsplit(".", 1)[0])
+        attr = _experts_quantizer_attr(mod, name)
+    if hasattr(mod, attr):
+        return
+    setattr(mod, attr, ActQuantizer(spec))
+    handle._attr_added.append((mod, attr))
+    if t.module is not None:
+        handle._hooks.append(mod.register_forward_pre_hook(_act_quant_hook, with_kwargs=True))
+    elif "forward" not in mod.__dict__:
+        mod.forward = types.MethodType(quantized_experts_forward, mod)
+        handle._attr_added.append((mod, "forward"))
 
 
 class FakeQuantHooks:
@@ -156,7 +205,7 @@ class FakeQuantHooks:
             if parametrize.is_parametrized(mod, pname):
                 parametrize.remove_parametrizations(mod, pname, leave_parametrized=False)
         for mod, attr in self._attr_added:
-            if hasattr(mod, attr):
+            if attr in mod.__dict__ or attr in mod._modules:  # instance attributes only, never the class's forward
                 delattr(mod, attr)
         if self._old_attn is not None:
             self.model.config._attn_implementation = self._old_attn
@@ -179,14 +228,15 @@ def wrap_model(
     bank: RotationBank | None = None,
     quant: QuantSettings | None = None,
     r3: bool = False,
-    r4: bool = False,
-    r4_in_weights: bool = True,
+    online: Sequence[str] = (),
+    online_in_weights: bool = True,
 ) -> FakeQuantHooks:
-    """Install rotations (plan + bank), online Hadamards (r3/r4) and fake quantizers on ``model``.
+    """Install rotations (plan + bank), online Hadamards (R3 on Q/K; input Hadamards on the linears named in
+    ``online``, see ``online.online_linears``) and fake quantizers on ``model``.
 
-    With no plan/bank only quantizers (and online Hadamards) are installed: the baseline evaluations and the
-    evaluation of an exported model use that. ``r4_in_weights=False`` is for exported models, whose
-    down_proj already holds the folded Hadamard: only the online half is installed."""
+    With no plan/bank only quantizers (and online Hadamards) are installed: the baseline evaluations use that.
+    ``online_in_weights=False`` is for models whose weights already hold the folded ``W H``
+    (``online.fold_online``): only the online half ``x -> x H`` is installed."""
     quant = quant or QuantSettings()
     handle = FakeQuantHooks(model)
     targets = addressable_targets(model)
@@ -198,20 +248,22 @@ def wrap_model(
         for p in plan.placements:
             entry = sides.setdefault(id(p.target.weight), {"target": p.target, "input": None, "output": None})
             entry[p.side] = p.instance
-    r4_names = set(check_r4(model)) if r4 else set()
+    online_names = set(online)
+    if quant.a.enabled:
+        _check_expert_inputs(model, targets)  # refuse before anything is installed
 
     for name, t in targets.items():
         is_head = lm_head is not None and t.module is lm_head
         skip_quant = isinstance(t.module, nn.Embedding) or any(fnmatch.fnmatchcase(name, g) for g in QUANT_SKIP)
         wspec = None if skip_quant else (quant.lm_head if is_head else quant.w)
         entry = sides.get(id(t.weight))
-        online = name in r4_names and r4_in_weights
+        online_w = name in online_names and online_in_weights
         rotates = entry is not None and (entry["input"] or entry["output"])
-        if rotates or online or (wspec is not None and wspec.enabled):
+        if rotates or online_w or (wspec is not None and wspec.enabled):
             owner, pname = _owner_and_param(model, t)
             par = RotateQuantWeight(
                 bank, entry["input"] if entry else None, entry["output"] if entry else None,
-                t.in_axis, t.out_axis, wspec, online,
+                t.in_axis, t.out_axis, wspec, online_w,
             )
             parametrize.register_parametrization(owner, pname, par, unsafe=True)
             handle._parametrized.append((owner, pname))
@@ -219,15 +271,11 @@ def wrap_model(
                 bpar = RotateQuantWeight(bank, None, entry["output"], None, -1, None, False)
                 parametrize.register_parametrization(owner, "bias", bpar, unsafe=True)
                 handle._parametrized.append((owner, "bias"))
-        if name in r4_names:
-            handle._hooks.append(t.module.register_forward_pre_hook(_online_in_hook, with_kwargs=True))
-        # Activation quantization of the module's input (for 3-D experts: the experts module's input).
+        if name in online_names:
+            handle._hooks.append(t.module.register_forward_pre_hook(online_input_hook, with_kwargs=True))
+        # Activation quantization of every quantized linear's input (3-D experts: both projections, per expert).
         if not skip_quant and not is_head and quant.a.enabled:
-            mod = t.module if t.module is not None else model.get_submodule(name.rsplit(".", 1)[0])
-            if not hasattr(mod, "spinlearn_act"):
-                mod.spinlearn_act = ActQuantizer(quant.a)
-                handle._attr_added.append((mod, "spinlearn_act"))
-                handle._hooks.append(mod.register_forward_pre_hook(_act_quant_hook, with_kwargs=True))
+            _install_act_quant(model, name, t, quant.a, handle)
 
     # Norm biases kept in place (OPT's final LayerNorm) rotate with the residual stream.
     for entry in sides.values():
@@ -238,7 +286,8 @@ def wrap_model(
                 parametrize.register_parametrization(t.module, "bias", par, unsafe=True)
                 handle._parametrized.append((t.module, "bias"))
 
-    check_online_hadamards(model, r3=r3, r4=False)
+    if r3:
+        check_r3(list(attention_modules(model)))
     if quant.kv.enabled or r3:
         _register_attention()
         for _, mod in attention_modules(model):
@@ -249,20 +298,42 @@ def wrap_model(
     return handle
 
 
-def online_rotation_record(model: nn.Module, r3: bool, r4: bool) -> dict:
-    """What a serving engine must apply online (stored in the exported config under ONLINE_KEY)."""
-    rec: dict = {}
-    if r4:
-        rec["r4"] = {"modules": R4_PATTERN, "count": len(r4_linear_names(model)), "side": "input",
-                     "transform": "x @ H (normalized Hadamard, spinlearn.hadamard.hadamard_matrix(n))"}
-    if r3:
-        rec["r3"] = {"where": "query and key states after RoPE", "transform": "q @ H, k @ H over head_dim"}
-    return rec
+@contextlib.contextmanager
+def rotations_attached(
+    model: nn.Module,
+    plan,
+    matrices: dict[str, torch.Tensor],
+    *,
+    quant: QuantSettings | None = None,
+    r3: bool = False,
+    online: Sequence[str] = (),
+    bank: RotationBank | None = None,
+) -> Iterator[FakeQuantHooks]:
+    """Learnable rotations on a prepared model (``rotation_plan.prepare_model``), for the duration of the block.
 
-
-def apply_online_rotations(model: nn.Module, quant: QuantSettings | None = None) -> FakeQuantHooks | None:
-    """Install the online Hadamards recorded in an exported model's config (and optional quantizers)."""
-    rec = getattr(model.config, ONLINE_KEY, None) or {}
-    if not rec and quant is None:
-        return None
-    return wrap_model(model, quant=quant or QuantSettings(), r3="r3" in rec, r4="r4" in rec, r4_in_weights=False)
+    Freezes every weight, hangs a ``RotationBank`` built from ``matrices`` (or the given ``bank``) on the model
+    under ``BANK_ATTR`` (its Stiefel parameters are then the model's only trainable ones, which is what the
+    Trainer and DDP see) and wraps the model (``wrap_model``). On exit the wrappers and the bank are removed and
+    the weights' ``requires_grad`` flags restored: the model is the plain prepared model again, ready for the
+    learned matrices to be folded. The handle's ``bank`` attribute holds the bank."""
+    if hasattr(model, BANK_ATTR):
+        raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
+    device = next(model.parameters()).device
+    bank = (bank if bank is not None else RotationBank(matrices)).to(device)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    setattr(model, BANK_ATTR, bank)
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    handle = None
+    try:
+        handle = wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, online=online)
+        handle.bank = bank
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()
+        delattr(model, BANK_ATTR)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layout import Layout, LayoutError, Placement, Target, addressable_targets, match_pattern, no_match_error
+from .layout import Layout, LayoutError, Placement, Target, addressable_targets, match_norms
 from .rotations import rotate_axis_fast, signed_hadamard_signs
 
 
@@ -110,39 +110,45 @@ def fuse_norm_into(info: NormInfo, readers: list[Target], use_float64: bool) -> 
 
 def _targets_for(pattern_list, parent: str, targets: dict[str, Target]) -> list[Target]:
     found = []
-    for rel in pattern_list:
+    for rel in (g.strip() for pattern in pattern_list for g in pattern.split("|")):
         full = f"{parent}.{rel}" if parent else rel
         found += [targets[n] for n in targets if fnmatch.fnmatchcase(n, full)]
     return list({id(t): t for t in found}.values())
+
+
+def norm_readers(model: nn.Module, layout: Layout) -> dict[str, list[Target]]:
+    """norm name -> the reader tensors its norm_fuse_config entry names (maybe none), in layout order.
+
+    Decoder-layer entries name readers relative to the norm's parent; lm_head entries by full name. A norm
+    pattern that matches nothing raises (a typo) unless it is another family's norm (skipped with a note)."""
+    targets = addressable_targets(model)
+    modules = dict(model.named_modules())
+    out: dict[str, list[Target]] = {}
+    entries = [(n, ts, True) for n, ts in layout.decoder_layer_fuse] + [(n, [t], False) for n, t in layout.lm_head_fuse]
+    for norm_pat, reader_pats, relative in entries:
+        for nname in match_norms(norm_pat, modules, layout.name):
+            if not hasattr(modules[nname], "weight") or any(fnmatch.fnmatchcase(nname, g) for g in layout.ignore_norms):
+                continue
+            parent = nname.rsplit(".", 1)[0] if relative and "." in nname else ""
+            found = out.get(nname, []) + _targets_for(reader_pats, parent, targets)
+            out[nname] = list({id(t): t for t in found}.values())
+    return out
 
 
 @torch.no_grad()
 def fuse_norms(model: nn.Module, layout: Layout) -> tuple[list[str], list[Target]]:
     """Apply the layout's norm_fuse_config. Returns the names of the norms made weightless, and the norm
     biases that stayed in place (they must be rotated with the residual stream, as Targets)."""
-    targets = addressable_targets(model)
     modules = dict(model.named_modules())
     fused: list[str] = []
     kept_biases: list[Target] = []
-    entries = [(n, ts, True) for n, ts in layout.decoder_layer_fuse] + [(n, [t], False) for n, t in layout.lm_head_fuse]
-    for norm_pat, reader_pats, relative in entries:
-        norms = [
-            n for n in match_pattern(norm_pat, modules)
-            if hasattr(modules[n], "weight") and not any(fnmatch.fnmatchcase(n, g) for g in layout.ignore_norms)
-        ]
-        if not norms:
-            raise no_match_error(norm_pat, [n for n, m in modules.items() if "norm" in type(m).__name__.lower()], "norm")
-        for nname in norms:
-            parent = nname.rsplit(".", 1)[0] if relative and "." in nname else ""
-            readers = _targets_for(reader_pats, parent, targets)
-            if not readers:
-                raise LayoutError(
-                    f"norm {nname!r}: none of its readers {reader_pats} exist under {parent or 'the model'!r}"
-                )
-            if fuse_norm_into(inspect_norm(modules[nname]), readers, layout.use_float64):
-                norm = modules[nname]
-                kept_biases.append(Target(f"{nname}.bias", norm.bias, None, None, -1, norm))
-            fused.append(nname)
+    for nname, readers in norm_readers(model, layout).items():
+        if not readers:
+            raise LayoutError(f"norm {nname!r}: none of the readers layout {layout.name!r} names for it exist")
+        if fuse_norm_into(inspect_norm(modules[nname]), readers, layout.use_float64):
+            norm = modules[nname]
+            kept_biases.append(Target(f"{nname}.bias", norm.bias, None, None, -1, norm))
+        fused.append(nname)
     return fused, kept_biases
 
 

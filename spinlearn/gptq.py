@@ -111,7 +111,10 @@ def gptq_quantize_weight(
     taken exactly as a column-by-column GPTQ would see them, so the result does not depend on
     block_size. act_order processes columns by descending Hessian diagonal; without static_groups the
     groups are then consecutive in that order. stats: "error" is GPTQ's own estimate of the added
-    loss, sum (w - q)^2 / (2 [H^-1]_ii); "damp"; "dead_columns".
+    loss, sum (w - q)^2 / (2 [H^-1]_ii); "damp"; "dead_columns"; "scale" and "zero": the grid of the result,
+    [out, in / group] per contiguous group of original columns ([out, 1] per channel), so that the result is
+    ``scale * (q - zero)`` with integer q (an export stores q and these); None when act_order without
+    static_groups makes the groups non-contiguous.
     """
     if weight.dim() != 2:
         raise ValueError(f"gptq_quantize_weight expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
@@ -155,6 +158,7 @@ def gptq_quantize_weight(
     if static_groups:
         static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)]
 
+    group_params: list[tuple[Tensor, Tensor]] = []
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
@@ -178,6 +182,7 @@ def gptq_quantize_weight(
                     scale, zero = static_params[orig // group]
                 elif col % group == 0:
                     scale, zero = params(_current_columns(w, w1, err1, hinv, b1, b2, i, col + group))
+                    group_params.append((scale, zero))
             wc = w1[:, i]
             q = quant_dequant(wc.unsqueeze(1), scale, zero, qmin, qmax).squeeze(1)
             d = hinv1[i, i]
@@ -191,8 +196,19 @@ def gptq_quantize_weight(
 
     if perm is not None:
         q_all = q_all[:, torch.argsort(perm)]
-    stats = {"error": losses.sum().item(), "damp": damp, "dead_columns": int(dead.sum().item())}
+    stats = {"error": losses.sum().item(), "damp": damp, "dead_columns": int(dead.sum().item()),
+             **_grid_params(scale, zero, static_params or ([] if perm is not None else group_params), group)}
     return q_all.to(weight.dtype), stats
+
+
+def _grid_params(scale, zero, groups: list[tuple[Tensor, Tensor]], group: int) -> dict:
+    """stats["scale"], stats["zero"] as [out, n_groups] (see gptq_quantize_weight)."""
+    if group <= 0:
+        return {"scale": scale.reshape(-1, 1), "zero": zero.reshape(-1, 1)}
+    if not groups:
+        return {"scale": None, "zero": None}
+    return {"scale": torch.cat([s.reshape(-1, 1) for s, _ in groups], 1),
+            "zero": torch.cat([z.reshape(-1, 1) for _, z in groups], 1)}
 
 
 def _current_columns(
@@ -271,7 +287,8 @@ def _call_groups(layer: nn.Module, linears: dict[str, nn.Linear], run) -> list[l
 
 
 def _quantize_group(
-    names: list[str], linears: dict[str, nn.Linear], run, spec: QuantSpec, stats: dict[str, float], gptq_kw: dict
+    names: list[str], linears: dict[str, nn.Linear], run, spec: QuantSpec, stats: dict[str, float], gptq_kw: dict,
+    qparams: dict | None = None,
 ) -> None:
     accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
     handles = [linears[n].register_forward_hook(accs[n].forward_hook) for n in names]
@@ -285,6 +302,8 @@ def _quantize_group(
         q, st = gptq_quantize_weight(w.detach(), accs[n].hessian, spec, **gptq_kw)
         w.data.copy_(q)
         stats[n] = st["error"]
+        if qparams is not None:
+            qparams[n] = (st["scale"], st["zero"])
 
 
 @torch.no_grad()
@@ -299,6 +318,7 @@ def gptq_quantize_model(
     act_order: bool = True,
     static_groups: bool = False,
     progress: bool = True,
+    qparams: dict | None = None,
 ) -> dict[str, float]:
     """GPTQ-quantize every nn.Linear of ``model`` in place (weights become dequantized grid values).
 
@@ -312,7 +332,8 @@ def gptq_quantize_model(
 
     Weights that are not nn.Linear (3-D MoE expert tensors) are left alone: quantize them another way.
     ``calib_blocks`` is a LongTensor [n, seqlen] of token ids, run one window at a time.
-    Returns {linear name: GPTQ's estimate of the added loss}.
+    Returns {linear name: GPTQ's estimate of the added loss}. A dict passed as ``qparams`` receives
+    {linear name: (scale, zero)} of each result's grid (see ``gptq_quantize_weight``'s "scale").
     """
     if calib_blocks is None or calib_blocks.numel() == 0:
         raise ValueError(
@@ -351,8 +372,11 @@ def gptq_quantize_model(
 
             for group in _call_groups(layer, lin, lambda call=call: call(inputs[0])):
                 local: dict[str, float] = {}
-                _quantize_group(group, lin, run, spec, local, gptq_kw)
+                local_q: dict | None = {} if qparams is not None else None
+                _quantize_group(group, lin, run, spec, local, gptq_kw, local_q)
                 stats.update({f"{prefix}.{i}.{n}": e for n, e in local.items()})
+                if qparams is not None:
+                    qparams.update({f"{prefix}.{i}.{n}": v for n, v in local_q.items()})
             done.update(f"{prefix}.{i}.{n}" for n in lin)
             inputs = [_first_output(call(x)) for x in inputs]  # what the next layer sees, quantized
             bar.update(1)
@@ -364,7 +388,7 @@ def gptq_quantize_model(
             for b in blocks:
                 model(input_ids=b.unsqueeze(0), use_cache=False)
 
-        _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw)
+        _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw, qparams)
     model.train(was_training)
     return stats
 

@@ -1,75 +1,37 @@
-"""The learned-rotation job: setup -> baselines -> train -> fuse -> export -> evaluate.
+"""The learned-rotation job as a recipe class: one method per phase, in the order ``run`` calls them.
 
-Called by ``launch/train_rotations.py`` (under ``accelerate launch``) and by ``spinlearn train``.
-Every rank runs the same code; only the main process writes files.
+    check_inputs -> setup_data -> setup_run_dir -> setup_model -> baselines -> train -> fuse
+    -> evaluate_learned -> export -> finish (-> cleanup, always)
+
+Called by ``launch/train_rotations.py`` (under ``accelerate launch``) and by ``spinlearn train``. Every rank runs the
+same code; only the main process writes files. A run directory always holds one run: previous outputs are cleared
+after validation, a run marker says which run the directory holds and whether it completed, and the final artefacts
+are staged in a hidden directory and moved into place together at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .artifacts import save_model_dir, save_rotations
+from . import artifacts, rundir
 from .choices import ROTATION_MODE_LABELS
+from .fakequant import check_online_hadamards, rotations_attached, wrap_model
 from .fusion import fold_rotations
-from .layout import BANK_ATTR
-from .loading import check_model_path, load_causal_lm, load_tokenizer
-from .rotation_plan import make_matrices, prepare_model
-from .report import format_table
-from .rotations import RotationBank
-from .fakequant import ONLINE_KEY, apply_online_rotations, check_online_hadamards, fold_r4, online_rotation_record, wrap_model
 from .quant import QuantSettings
+from .report import format_table
+from .rotation_plan import make_matrices, prepare_model
 
-DUMP_RANKS_ENV = "SPINLEARN_DUMP_RANK_ROTATIONS"
 
-
-def _log(msg: str, main: bool) -> None:
+def _log(msg: str, main: bool = True) -> None:
     if main:
         print(f"[spinlearn] {msg}", flush=True)
-
-
-def _check_output_dir(cfg) -> Path:
-    out = Path(cfg.output_dir)
-    resuming = bool(cfg.train.resume_from_checkpoint)
-    if out.exists() and any(out.iterdir()) and not (cfg.overwrite_output_dir or resuming):
-        raise FileExistsError(
-            f"output_dir {str(out)!r} exists and is not empty; set overwrite_output_dir=true or "
-            "train.resume_from_checkpoint=PATH"
-        )
-    return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _dump_rank_rotations(matrices: dict[str, torch.Tensor], process_index: int) -> None:
-    """Test hook: with SPINLEARN_DUMP_RANK_ROTATIONS=DIR every rank writes the matrices it holds after training to
-    DIR/rank{i}.safetensors, so that a multi-process run can be checked for ranks that drifted apart."""
-    target = os.environ.get(DUMP_RANKS_ENV)
-    if not target:
-        return
-    from safetensors.torch import save_file
-
-    Path(target).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in matrices.items()}, str(Path(target) / f"rank{process_index}.safetensors"))
-
-
-def _last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint (one holding the rotations) under output_dir, or None."""
-    from .trainer import ROTATIONS_FILE
-
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if (p / ROTATIONS_FILE).is_file()]
-    ckpts.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
-    return str(ckpts[-1]) if ckpts else None
 
 
 def _finish_wandb(previous_run, exit_code: int) -> None:
@@ -85,158 +47,313 @@ def _default_wandb_offline(cfg) -> None:
     report = list(cfg.train.report_to or [])
     if "wandb" in report and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
-        print("[spinlearn] wandb: no WANDB_MODE or API key set; logging offline (wandb sync later)", flush=True)
+        _log("wandb: no WANDB_MODE or API key set; logging offline (wandb sync later)")
 
 
-def run_training(cfg) -> dict:
-    """Run the whole job described by a validated recipe; returns the metrics dict."""
-    from accelerate import PartialState
-    from transformers import TrainingArguments
+class RotationJob:
+    """Learn rotations for one recipe, fuse them, evaluate and export. ``callbacks`` are extra ``TrainerCallback``s
+    (tests inject probes through them)."""
 
-    from .config import recipe_to_yaml, training_arguments_kwargs
-    from .data import TokenBlockDataset, calibration_blocks, eval_windows, load_text, tokenize_concat
-    from .evaluate import perplexity
-    from .trainer import NonFiniteLossError, RotationTrainer
+    def __init__(self, cfg, callbacks=()):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.out = Path(cfg.output_dir)
+        self.metrics: dict = {"model": str(cfg.model.path), "rows": {}}
+        self.images: dict[str, Path] = {}
+        self.windows = None
+        self.t_start = time.perf_counter()
 
-    _default_wandb_offline(cfg)
-    t_start = time.perf_counter()
-    out = _check_output_dir(cfg)
-    check_model_path(cfg.model.path)
-    # TrainingArguments sets up the process group (gloo on CPU, NCCL on GPUs) under `accelerate launch`. A
-    # PartialState made before it describes a single process, in which every rank is "main" and all of them would
-    # write the export at once.
-    args = TrainingArguments(**training_arguments_kwargs(cfg))
-    state = PartialState()
-    main = state.is_main_process
-    torch.manual_seed(cfg.train.seed)
+    # ------------------------------------------------------------------------------------------------ driver
+    def run(self) -> dict:
+        _default_wandb_offline(self.cfg)
+        self.wandb_before = getattr(sys.modules.get("wandb"), "run", None)
+        exit_code = 1
+        try:
+            self.check_inputs()
+            self.setup_data()
+            self.setup_run_dir()
+            self.setup_model()
+            self.baselines()
+            self.train()
+            self.fuse()
+            self.evaluate_learned()
+            self.export()
+            self.finish()
+            exit_code = 0
+        finally:
+            self.cleanup(exit_code)
+        return self.metrics
 
-    # --- setup: data first (bad data sources fail before the model is loaded), then the model ----------------
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    train_ids = tokenize_concat(load_text(cfg.data.train, split="train", text_field=cfg.data.text_field), tokenizer)
-    blocks = calibration_blocks(train_ids, cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed)
-    windows = None
-    if cfg.data.eval:
-        eval_ids = tokenize_concat(load_text(cfg.data.eval, split="test", text_field=cfg.data.text_field), tokenizer)
-        windows = eval_windows(eval_ids, cfg.data.eval_seqlen or cfg.data.seqlen)
-        if cfg.data.eval_max_windows:
-            windows = windows[: cfg.data.eval_max_windows]
-        windows = windows.to(state.device)
-    model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    model.to(state.device)
-    check_online_hadamards(model, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
-    qtrain = QuantSettings.from_recipe(cfg.quant)
-    metrics: dict = {"model": str(cfg.model.path), "device": str(state.device), "rows": {}}
+    # -------------------------------------------------------------------------------------------- the phases
+    def check_inputs(self) -> None:
+        """Everything that can be checked before data and weights are loaded: output dir, model dir, the layout
+        against the model's config, sequence lengths, the resume checkpoint."""
+        from .checks import check_job_inputs
 
-    def ppl(label: str) -> float:
-        value = perplexity(model, windows, batch_size=cfg.eval.batch_size, progress=main, desc=label)
-        metrics["rows"][label] = value
-        _log(f"{label}: perplexity {value:.3f}", main)
+        self.resume = check_job_inputs(self.cfg)
+
+    def setup_run_dir(self) -> None:
+        """Start the process group (TrainingArguments does, under accelerate launch), then make the output dir
+        this run's: previous final outputs cleared (checkpoints kept when resuming), a fresh run marker."""
+        from accelerate import PartialState
+        from transformers import TrainingArguments
+
+        from .config import training_arguments_kwargs
+
+        # A PartialState made before TrainingArguments would describe a single process in which every rank is
+        # "main" and all of them would write the outputs at once.
+        self.args = TrainingArguments(**training_arguments_kwargs(self.cfg))
+        self.state = PartialState()
+        self.main = self.state.is_main_process
+        self.metrics["device"] = str(self.state.device)
+        if self.main:
+            rundir.start_run(self.out, resuming=self.resume is not None)
+        self.state.wait_for_everyone()
+        torch.manual_seed(self.cfg.train.seed)
+
+    def setup_data(self) -> None:
+        """Tokenizer, calibration blocks and evaluation windows (bad data fails before the model is loaded)."""
+        from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
+        from .loading import load_tokenizer
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        train_ids = tokenize_concat(load_text(cfg.data.train, split="train", text_field=cfg.data.text_field),
+                                    self.tokenizer)
+        self.blocks = calibration_blocks(train_ids, cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed)
+        if cfg.data.eval:
+            eval_ids = tokenize_concat(load_text(cfg.data.eval, split="test", text_field=cfg.data.text_field),
+                                       self.tokenizer)
+            windows = eval_windows(eval_ids, cfg.data.eval_seqlen or cfg.data.seqlen)
+            if cfg.data.eval_max_windows:
+                windows = windows[: cfg.data.eval_max_windows]
+            self.windows = windows
+
+    def setup_model(self) -> None:
+        """The frozen model, its quantizers and the linears with online input Hadamards."""
+        from .loading import load_causal_lm
+
+        cfg = self.cfg
+        self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.model.to(self.state.device)
+        if self.windows is not None:
+            self.windows = self.windows.to(self.state.device)
+        self.online = check_online_hadamards(self.model, r3=cfg.rotation.r3, online=cfg.rotation.online,
+                                             r4=cfg.rotation.r4)
+        self.quant = QuantSettings.from_recipe(cfg.quant)
+        if self.windows is not None and self.main:
+            self.profile_before = self._activation_profile()
+
+    def baselines(self) -> None:
+        """Perplexity of the float model and (eval.baselines) of RTN without rotation."""
+        if self.windows is None:
+            return
+        self.metrics["ppl_float"] = self._ppl("float")
+        if self.cfg.eval.baselines:
+            handle = wrap_model(self.model, quant=self.quant)
+            try:
+                self.metrics["ppl_quant_no_rotation"] = self._ppl(f"{self.quant.name} RTN, no rotation")
+            finally:
+                handle.remove()
+
+    def train(self) -> None:
+        """Attach the rotations (the only trainable tensors), measure the start, learn them with the Trainer."""
+        cfg = self.cfg
+        self.plan = prepare_model(self.model, cfg.rotation.layout)
+        self.start = {k: v.double().cpu() for k, v in make_matrices(self.plan, mode=cfg.rotation.init,
+                                                                     seed=cfg.rotation.seed).items()}
+        with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
+                                online=self.online) as handle:
+            if self.windows is not None:
+                label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
+                self.metrics["ppl_quant_before"] = self._ppl(label)
+            self.trainer = self._make_trainer(handle.bank)
+            t0 = time.perf_counter()
+            self._fit()
+            train_time = time.perf_counter() - t0
+            self.trainer.finalize_rotations()
+            self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
+            self.metrics.update(
+                steps=int(self.trainer.state.global_step),
+                train_time_s=round(train_time, 2),
+                train_tokens_per_s=round(self.trainer.tokens_seen / max(train_time, 1e-9), 1),
+                final_train_loss=self.trainer.whole_run_loss(),
+                max_orth_error=handle.bank.max_orthogonality_error(),
+            )
+
+    def fuse(self) -> None:
+        """Fold the learned matrices into the weights (float64). The result is a plain HF model, exact in plain
+        transformers: online Hadamards are *not* folded here (only exports that declare them fold their half)."""
+        fold_rotations(self.plan.placements, self.learned, self.plan.layout.use_float64)
+
+    def evaluate_learned(self) -> None:
+        """The learned row, on the fused model with the run's online Hadamards: exactly what an export serves.
+        Guard: if it is worse than the start (``eval.guard``), the start is kept instead, and the run says so."""
+        if self.windows is None:
+            return
+        after = self._ppl_fused(f"{self.quant.name} RTN, learned rotation")
+        self.metrics["ppl_quant_after"] = after
+        before = self.metrics["ppl_quant_before"]
+        if self.cfg.eval.guard and after > before:
+            _log(f"guard: the learned rotations ({after:.3f}) are worse than the start ({before:.3f}) on the "
+                 "evaluation split; keeping the start matrices (eval.guard=false keeps the learned ones)", self.main)
+            fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start), self.plan.layout.use_float64)
+            self.learned = self.start
+            self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
+            self.metrics["ppl_quant_after"] = before
+            self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"] = before
+        else:
+            self.metrics["guard"] = {"kept": "learned"}
+
+    def export(self) -> None:
+        """Stage the fused model, the matrices, the recipe and every deployable export (main process), then the
+        GPTQ row (it quantizes the weights in place, so it comes after the float model was saved)."""
+        from .config import recipe_to_yaml
+
+        if self.main:
+            self.staging = rundir.staging_dir(self.out)
+            artifacts.save_model_dir(self.model, self.staging / artifacts.MODEL_DIR, tokenizer_source=self.cfg.model.path)
+            artifacts.save_rotations(self.learned, self.staging / artifacts.ROTATIONS_FILE,
+                                     {"layout": self.plan.layout.name})
+            (self.staging / artifacts.RECIPE_FILE).write_text(recipe_to_yaml(self.cfg))
+            for scheme in self.cfg.export.schemes:
+                self._export_scheme(scheme)
+        self.state.wait_for_everyone()
+        self._gptq_row()
+
+    def finish(self) -> None:
+        """Metrics, results table, pictures, wandb summary; then the staged outputs move into place together."""
+        self.metrics["wall_time_s"] = round(time.perf_counter() - self.t_start, 2)
+        if self.main:
+            self._pictures()
+            self._log_to_wandb()
+            (self.staging / artifacts.METRICS_FILE).write_text(json.dumps(self.metrics, indent=2))
+            table = format_table(self.metrics)
+            (self.staging / artifacts.RESULTS_FILE).write_text(table)
+            rundir.publish_run(self.staging, self.out)
+            print(table, flush=True)
+        self.state.wait_for_everyone()
+
+    def cleanup(self, exit_code: int) -> None:
+        """Close the wandb run this job opened; a failed run leaves its marker saying so."""
+        _finish_wandb(self.wandb_before, exit_code=exit_code)
+        if exit_code and getattr(self, "main", False):
+            rundir.mark_run(self.out, "failed")
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _make_trainer(self, bank):
+        from .data import TokenBlockDataset
+        from .trainer import RotationTrainer
+
+        cfg = self.cfg
+        return RotationTrainer(
+            model=self.model, args=self.args, train_dataset=TokenBlockDataset(self.blocks), bank=bank,
+            rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
+            kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight, kl_topk=cfg.loss.kl_topk,
+            callbacks=self.callbacks or None,
+        )
+
+    def _fit(self) -> None:
+        from .trainer import NonFiniteLossError
+
+        try:
+            self.trainer.train(resume_from_checkpoint=self.resume)
+        except NonFiniteLossError as e:
+            last = artifacts.latest_checkpoint(self.args.output_dir)
+            hint = f"resume with train.resume_from_checkpoint={last}" if last else "no checkpoint was saved before it"
+            raise RuntimeError(f"{e}. Last good checkpoint: {last or 'none'} ({hint})") from e
+
+    def _ppl(self, label: str) -> float:
+        from .evaluate import perplexity
+
+        value = perplexity(self.model, self.windows, batch_size=self.cfg.eval.batch_size, progress=self.main,
+                           desc=label)
+        self.metrics["rows"][label] = value
+        _log(f"{label}: perplexity {value:.3f}", self.main)
         return value
 
-    # --- baselines on the untouched model ------------------------------------------------------------------
-    if windows is not None:
-        metrics["ppl_float"] = ppl("float")
-        if cfg.eval.baselines:
-            h = wrap_model(model, quant=qtrain)
-            metrics["ppl_quant_no_rotation"] = ppl(f"{qtrain.name} RTN, no rotation")
-            h.remove()
+    def _ppl_fused(self, label: str) -> float:
+        handle = wrap_model(self.model, quant=self.quant, r3=self.cfg.rotation.r3, online=self.online)
+        try:
+            return self._ppl(label)
+        finally:
+            handle.remove()
 
-    # --- rotations as Stiefel parameters, wrappers, training ---------------------------------------------
-    plan = prepare_model(model, cfg.rotation.layout)
-    bank = RotationBank(make_matrices(plan, mode=cfg.rotation.init, seed=cfg.rotation.seed)).to(state.device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    setattr(model, BANK_ATTR, bank)  # registered once; the only trainable parameters
-    for p in bank.parameters():
-        p.requires_grad_(True)
-    handle = wrap_model(model, plan=plan, bank=bank, quant=qtrain, r3=cfg.rotation.r3, r4=cfg.rotation.r4)
-    if windows is not None:
-        metrics["ppl_quant_before"] = ppl(f"{qtrain.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation")
+    def _export_scheme(self, scheme: str) -> None:
+        from .export import export_model
 
-    trainer = RotationTrainer(
-        model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=bank,
-        rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
-        kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight,
-    )
-    wandb_before = getattr(sys.modules.get("wandb"), "run", None)
-    t_train = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=cfg.train.resume_from_checkpoint or None)
-    except NonFiniteLossError as e:
-        _finish_wandb(wandb_before, exit_code=1)
-        last = _last_checkpoint(args.output_dir)
-        hint = f"resume with train.resume_from_checkpoint={last}" if last else "no checkpoint was saved before it"
-        raise RuntimeError(f"{e}. Last good checkpoint: {last or 'none'} ({hint})") from e
-    except BaseException:
-        _finish_wandb(wandb_before, exit_code=1)
-        raise
-    train_time = time.perf_counter() - t_train
-    trainer.finalize_rotations()
-    learned = {k: v.double().cpu() for k, v in bank.matrices().items()}
-    _dump_rank_rotations(bank.matrices(), state.process_index)
-    metrics.update(
-        steps=int(trainer.state.global_step),
-        train_time_s=round(train_time, 2),
-        train_tokens_per_s=round(trainer.tokens_seen / max(train_time, 1e-9), 1),
-        final_train_loss=float(result.training_loss),
-        max_orth_error=bank.max_orthogonality_error(),
-    )
+        dest = self.staging / f"{artifacts.EXPORT_DIR_PREFIX}{scheme}"
+        e = self.cfg.export
+        export_model(self.model, dest, scheme=scheme, recipe=self.cfg, online=self.online,
+                     w_method=e.w_method or self.cfg.quant.w_method, group_size=e.group_size,
+                     calib_blocks=self.blocks, tokenizer_source=self.cfg.model.path, progress=self.main,
+                     run_metrics=self.metrics)
+        _log(f"export {scheme}: {dest.name}/ (compressed-tensors)", self.main)
 
-    # --- fuse: fold the learned matrices into the weights (float64), drop the wrappers ------------------
-    handle.remove()
-    delattr(model, BANK_ATTR)
-    fold_rotations(plan.placements, learned, plan.layout.use_float64)
-    if cfg.rotation.r4:
-        fold_r4(model)
-    online = online_rotation_record(model, cfg.rotation.r3, cfg.rotation.r4)
-    if online:  # recorded in config.json for evaluators and serving engines
-        setattr(model.config, ONLINE_KEY, online)
-
-    # --- learned row on the fused model: exactly what a user of the export gets --------------------------
-    if windows is not None:
-        h = apply_online_rotations(model, qtrain)
-        metrics["ppl_quant_after"] = ppl(f"{qtrain.name} RTN, learned rotation")
-        h.remove()
-
-    # --- export (main process only) ----------------------------------------------------------------------
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp_model = out / ".model.tmp"
-        shutil.rmtree(tmp_model, ignore_errors=True)
-        save_model_dir(model, tmp_model, tokenizer_source=cfg.model.path)
-        if (out / "model").exists():
-            shutil.rmtree(out / "model")
-        os.replace(tmp_model, out / "model")
-        save_rotations(learned, out / "rotations.safetensors", {"layout": plan.layout.name})
-        _atomic_write_text(out / "recipe.yaml", recipe_to_yaml(cfg))
-
-    # --- GPTQ after learned rotations (modifies the weights: after the export) ---------------------------
-    # W16A4KV4 recipes (w_method gptq): the final quantizer, with the recipe's activations/KV. With baselines on
-    # and RTN weights: the W4A16 GPTQ row of the results table.
-    if windows is not None and (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
+    def _gptq_row(self) -> None:
+        """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV. With baselines on and RTN
+        weights: the W4A16 GPTQ row of the results table."""
+        cfg = self.cfg
+        if self.windows is None or not (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
+            return
         from .evaluate import evaluate_setting
 
         g = cfg.quant.gptq
         gq = QuantSettings.for_gptq(cfg.quant, with_activations=cfg.quant.w_method == "gptq")
-        label = gq.name.removesuffix("KV16")
+        label = f"{gq.name.removesuffix('KV16')} GPTQ, learned rotation"
         res = evaluate_setting(
-            model, windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=blocks[: g.nsamples],
+            self.model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
             gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
-            batch_size=cfg.eval.batch_size, progress=main,
+            r3=cfg.rotation.r3, online=self.online, batch_size=cfg.eval.batch_size, progress=self.main,
         )
-        metrics["rows"][f"{label} GPTQ, learned rotation"] = res["ppl"]
-        metrics["ppl_gptq"] = res["ppl"]
-        _log(f"{label} GPTQ, learned rotation: perplexity {res['ppl']:.3f}", main)
+        self.metrics["rows"][label] = res["ppl"]
+        self.metrics["ppl_gptq"] = res["ppl"]
+        _log(f"{label}: perplexity {res['ppl']:.3f}", self.main)
 
-    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-    _finish_wandb(wandb_before, exit_code=0)
-    if main:
-        _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        table = format_table(metrics)
-        _atomic_write_text(out / "results.md", table)
-        print(table, flush=True)
-    state.wait_for_everyone()
-    return metrics
+    def _activation_profile(self) -> dict | None:
+        try:
+            from .plots import activation_profile
+        except ImportError:
+            return None
+        return activation_profile(self.model, self.blocks[:2])
+
+    def _pictures(self) -> None:
+        try:
+            from .plots import plot_outlier_profile, plot_training_curve
+        except ImportError:
+            return
+        with contextlib.suppress(ImportError):
+            self.images["training_curve"] = plot_training_curve(
+                self.trainer.state.log_history, self.staging / artifacts.TRAINING_CURVE_FILE)
+            before = getattr(self, "profile_before", None)
+            if before:
+                handle = wrap_model(self.model, r3=self.cfg.rotation.r3, online=self.online)
+                try:
+                    after = self._activation_profile()
+                finally:
+                    handle.remove()
+                self.images["outlier_profile"] = plot_outlier_profile(
+                    before, after, self.staging / artifacts.OUTLIER_PROFILE_FILE)
+        # the images move with the staged outputs
+        self.images = {k: self.out / Path(v).name for k, v in self.images.items()}
+
+    def _log_to_wandb(self) -> None:
+        try:
+            from .plots import log_to_wandb
+        except ImportError:
+            return
+        staged = {k: self.staging / p.name for k, p in self.images.items()}
+        log_to_wandb(self.metrics, staged)
 
 
+def _inverse_then(applied: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices that, folded after ``applied``, leave ``wanted`` in the weights: R_applied^T R_wanted."""
+    return {k: applied[k].double().T @ wanted[k].double() for k in applied}
 
+
+def run_training(cfg, callbacks=()) -> dict:
+    """Run the whole job described by a validated recipe; returns the metrics dict."""
+    return RotationJob(cfg, callbacks).run()
+
+
+__all__ = ["RotationJob", "run_training"]

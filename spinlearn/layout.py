@@ -29,7 +29,10 @@ from __future__ import annotations
 import ast
 import difflib
 import fnmatch
+import functools
 import operator
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,19 @@ from .choices import ROTATION_MODES as MODES
 from torch import nn
 
 LAYOUT_DIR = Path(__file__).parent / "layouts"
+MAX_DIM = 1 << 20  # no rotation matrix is larger than this (a 2^20 x 2^20 float64 matrix is 8 TiB)
 
 
 class LayoutError(ValueError):
     """A layout that does not fit the model (or is malformed)."""
+
+
+class LayoutNote(UserWarning):
+    """A layout convention translated (ModelOpt's) or a pattern skipped / completed; shown once per message."""
+
+
+def note(message: str) -> None:
+    warnings.warn(message, LayoutNote, stacklevel=3)
 
 
 def shipped_layouts() -> list[str]:
@@ -138,6 +150,8 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
         extra = set(spec) - {"dim", "mode", "per_layer"}
         if extra:
             raise LayoutError(f"layout {name!r}: rotation_matrices.{mname} has unknown key(s) {sorted(extra)}")
+        if isinstance(spec["dim"], bool | float) or (isinstance(spec["dim"], int) and not 0 < spec["dim"] <= MAX_DIM):
+            check_dim_value(spec["dim"] if isinstance(spec["dim"], int) else 0, _where(name, mname, spec["dim"]))
         matrices[mname] = MatrixSpec(mname, spec["dim"], mode, spec.get("per_layer", False))
     rot_cfg: dict[str, tuple[str | None, str | None]] = {}
     for pattern, pair in (raw.get("rotation_config") or {}).items():
@@ -169,48 +183,110 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
 # ---------------------------------------------------------------------------------------- dims from config
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+_DIM_HINT = "use an int, a config key (hidden_size, head_dim) or an expression (hidden_size // num_attention_heads)"
 
 
-def _config_value(config, dotted: str):
+def _is_config(obj) -> bool:
+    return hasattr(obj, "to_dict") and hasattr(obj, "model_type")
+
+
+def _config_value(config, dotted: str, fallback: bool = True):
     obj = config
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if i and not _is_config(obj):
+            raise LayoutError(
+                f"config key {dotted!r}: {'.'.join(parts[:i])!r} is {obj!r} ({type(obj).__name__}), not a nested "
+                "config; attribute chains only go through nested configs (e.g. text_config.hidden_size)"
+            )
         value = getattr(obj, part, None)
         if value is None and hasattr(obj, "get_text_config") and obj is config:
             # Multimodal configs keep the language model's sizes in a nested text config.
             value = getattr(obj.get_text_config(), part, None)
+        if value is None and dotted == "head_dim" and fallback:
+            return _default_head_dim(config)
         if value is None:
             raise LayoutError(f"config key {dotted!r} is missing from the model config ({type(config).__name__})")
         obj = value
     return obj
 
 
+def _default_head_dim(config) -> int:
+    """ModelOpt layouts say ``head_dim``; configs without it (Qwen2) mean hidden_size // num_attention_heads."""
+    try:
+        value = int(_config_value(config, "hidden_size")) // int(_config_value(config, "num_attention_heads"))
+    except LayoutError:
+        raise LayoutError(f"config key 'head_dim' is missing from the model config ({type(config).__name__})") from None
+    note(f"config has no head_dim: using hidden_size // num_attention_heads = {value} (as transformers does)")
+    return value
+
+
+def _as_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LayoutError(f"config key {key!r} is {value!r} ({type(value).__name__}), not an integer size")
+    return value
+
+
 def resolve_dim(dim, config) -> int:
-    """An int, a config key or an arithmetic expression of config keys -> int."""
+    """An int, a config key or an arithmetic expression of config keys -> int (not yet range-checked)."""
+    if isinstance(dim, bool) or isinstance(dim, float):
+        raise LayoutError(f"dim {dim!r} is not an integer; {_DIM_HINT}")
     if isinstance(dim, int):
         return dim
     try:
         tree = ast.parse(str(dim), mode="eval").body
     except SyntaxError as e:
-        raise LayoutError(f"dim {dim!r} is neither an int, a config key nor an expression of keys") from e
+        raise LayoutError(f"dim {dim!r} is neither an int, a config key nor an expression of keys; {_DIM_HINT}") from e
 
-    def ev(node):
+    def ev(node, fallback=True):
         if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
             # "head_dim or hidden_size // num_attention_heads": the first alternative the config has
             for alt in node.values[:-1]:
                 try:
-                    return ev(alt)
+                    return ev(alt, fallback=False)
                 except LayoutError:
                     pass
             return ev(node.values[-1])
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
             return node.value
         if isinstance(node, ast.Name | ast.Attribute):
-            return int(_config_value(config, ast.unparse(node)))
+            key = ast.unparse(node)
+            return _as_int(_config_value(config, key, fallback), key)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+            left, right = ev(node.left, fallback), ev(node.right, fallback)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise LayoutError(f"dim {dim!r} divides by zero ({ast.unparse(node.right)} = 0)")
+            return _BINOPS[type(node.op)](left, right)
         raise LayoutError(f"dim {dim!r}: only config keys, ints and + - * // are allowed")
 
     return int(ev(tree))
+
+
+def check_dim_value(value: int, where: str) -> int:
+    """A resolved size must be a positive int no larger than MAX_DIM; ``where`` names layout, matrix and dim."""
+    if value <= 0:
+        raise LayoutError(f"{where} is {value}: a rotation size must be positive; {_DIM_HINT}")
+    if value > MAX_DIM:
+        raise LayoutError(
+            f"{where} is {value}, larger than any axis a rotation acts on (limit {MAX_DIM}); {_DIM_HINT}"
+        )
+    return value
+
+
+def _where(layout_name: str, matrix: str, dim) -> str:
+    return f"layout {layout_name!r}, rotation_matrices.{matrix}.dim={dim!r}"
+
+
+def resolve_dims(layout: Layout, config) -> dict[str, int]:
+    dims = {}
+    for name, spec in layout.rotation_matrices.items():
+        where = _where(layout.name, name, spec.dim)
+        try:
+            value = resolve_dim(spec.dim, config)
+        except LayoutError as e:  # say which matrix of which layout asked for the missing key
+            raise LayoutError(f"{where}: {e}") from e
+        dims[name] = check_dim_value(value, where if isinstance(spec.dim, int) else f"{where} (= {value})")
+    return dims
 
 
 # ------------------------------------------------------------------------------------------ target matching
@@ -228,19 +304,29 @@ class Target:
     module: nn.Module | None = None
 
 
-BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a model during training
+# Top-level children of a model that are not part of it: the training job's rotation bank hangs there.
+# TODO(lead): fakequant passes skip=(BANK_ATTR,) itself; then this default becomes () and the alias below goes.
+_LEGACY_SKIP = ("spinlearn_rotations",)
 
 
-def addressable_targets(model: nn.Module) -> dict[str, Target]:
-    """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters (never the
-    rotation matrices themselves)."""
+def __getattr__(name: str):
+    if name == "BANK_ATTR":  # moved out of the layout layer; kept importable until its callers move
+        warnings.warn("spinlearn.layout.BANK_ATTR moved to spinlearn.fakequant", DeprecationWarning, stacklevel=2)
+        return _LEGACY_SKIP[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def addressable_targets(model: nn.Module, skip: Collection[str] = _LEGACY_SKIP) -> dict[str, Target]:
+    """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters. ``skip`` names
+    top-level child modules that are not part of the model (e.g. a training job's rotation matrices)."""
     targets: dict[str, Target] = {}
     owned: set[int] = set()
-    bank = getattr(model, BANK_ATTR, None)
-    if isinstance(bank, nn.Module):
-        owned.update(id(p) for p in bank.parameters())
+    for attr in skip:
+        extra = getattr(model, attr, None)
+        if isinstance(extra, nn.Module):
+            owned.update(id(p) for p in extra.parameters())
     for name, mod in model.named_modules():
-        if name.split(".")[0] == BANK_ATTR:
+        if name.split(".")[0] in skip:
             continue
         if isinstance(mod, nn.Embedding):
             targets[name] = Target(name, mod.weight, None, None, -1, mod)
@@ -253,7 +339,7 @@ def addressable_targets(model: nn.Module) -> dict[str, Target]:
             targets[name] = Target(name, mod.weight, bias if isinstance(bias, nn.Parameter) else None, -1, -2, mod)
             owned.add(id(mod.weight))
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in owned or p.ndim < 2 or name.endswith(".weight"):
+        if id(p) in owned or p.ndim < 2 or name.endswith(".weight") or name.split(".")[0] in skip:
             continue
         # transformers-5 fused MoE experts: [E, out, in] used as x @ W[e]^T, like stacked Linears.
         if p.ndim in (2, 3):
@@ -312,38 +398,157 @@ class Placement:
 
 
 def resolve_placements(model: nn.Module, layout: Layout, dims: dict[str, int]) -> list[Placement]:
-    """Match every rotation_config pattern and check that each matrix fits the axis it rotates."""
+    """Match every rotation_config pattern and check that each matrix fits the axis it rotates.
+
+    A pattern that matches nothing is an error, unless it names another family's modules (a universal layout
+    on a family that lacks them, e.g. ``*in_proj`` on a Llama): then it is skipped with a note."""
     targets = addressable_targets(model)
     placements: list[Placement] = []
+    skipped: list[str] = []
     for pattern, (m_in, m_out) in layout.rotation_config.items():
         names = match_pattern(pattern, targets)
         if not names:
-            raise no_match_error(pattern, targets)
+            if not all(other_family_glob(g, targets) for g in _globs(pattern)):
+                raise no_match_error(pattern, targets)
+            note(f"layout {layout.name!r}: pattern {pattern!r} matches nothing in {type(model).__name__} "
+                 "(modules of another family): skipped")
+            skipped.append(pattern)
+            continue
         for name in names:
-            t = targets[name]
-            for side, m in (("input", m_in), ("output", m_out)):
-                if m is None:
-                    continue
-                axis = t.in_axis if side == "input" else t.out_axis
-                if axis is None:
-                    raise LayoutError(f"module {name!r} ({type(t.module).__name__}) has no {side} side to rotate")
-                size = t.weight.shape[axis]
-                if size % dims[m]:
-                    raise LayoutError(
-                        f"matrix {m!r} of size {dims[m]} does not divide the {side} dimension of {name!r} "
-                        f"(weight shape {tuple(t.weight.shape)}, {side} size {size})"
-                    )
-                key = group_key(name, layout.rotation_matrices[m].per_layer, m)
-                placements.append(Placement(t, side, m, key))
+            for side, m in _sides(targets[name], pattern, m_in, m_out, layout.name):
+                placements.append(_placement(targets[name], side, m, layout, dims))
+    if skipped:
+        _check_two_sided(placements, layout, skipped)
     return placements
 
 
-def resolve_dims(layout: Layout, config) -> dict[str, int]:
-    dims = {}
-    for name, spec in layout.rotation_matrices.items():
-        try:
-            dims[name] = resolve_dim(spec.dim, config)
-        except LayoutError as e:  # say which matrix of which layout asked for the missing key
-            raise LayoutError(f"layout {layout.name!r}, rotation_matrices.{name}.dim={spec.dim!r}: {e}") from e
-    return dims
+def _sides(t: Target, pattern: str, m_in, m_out, layout_name: str):
+    if t.in_axis is None and m_in is not None and m_out is None:
+        # ModelOpt's convention: an Embedding's first entry rotates its weight's last (hidden) axis.
+        note(f"layout {layout_name!r}: {pattern!r}: [{m_in}, null] on {type(t.module).__name__} {t.name!r} "
+             f"rotates its hidden side (ModelOpt's convention), read as [null, {m_in}]")
+        return [("output", m_in)]
+    return [(side, m) for side, m in (("input", m_in), ("output", m_out)) if m is not None]
 
+
+def _placement(t: Target, side: str, m: str, layout: Layout, dims: dict[str, int]) -> Placement:
+    axis = t.in_axis if side == "input" else t.out_axis
+    if axis is None:
+        raise LayoutError(f"module {t.name!r} ({type(t.module).__name__}) has no {side} side to rotate")
+    size = t.weight.shape[axis]
+    if size % dims[m]:
+        larger = f"; {dims[m]} is larger than the axis" if dims[m] > size else ""
+        raise LayoutError(
+            f"matrix {m!r} of size {dims[m]} does not divide the {side} dimension of {t.name!r} "
+            f"(weight shape {tuple(t.weight.shape)}, {side} size {size}){larger}: layout {layout.name!r} needs "
+            f"rotation_matrices.{m}.dim (now {layout.rotation_matrices[m].dim!r}) to divide {size}"
+        )
+    return Placement(t, side, m, group_key(t.name, layout.rotation_matrices[m].per_layer, m))
+
+
+def _check_two_sided(placements: list[Placement], layout: Layout, skipped: list[str]) -> None:
+    """After skipping patterns, every matrix still used must be read and written (else it was a typo)."""
+    for m in layout.rotation_matrices:
+        sides = {p.side for p in placements if p.matrix == m}
+        if len(sides) == 1:
+            missing = "writes (output side)" if sides == {"input"} else "reads (input side)"
+            raise LayoutError(
+                f"layout {layout.name!r}: with {skipped} matching nothing, no module {missing} matrix {m!r}, so "
+                "the rotation cannot cancel; check those patterns for typos"
+            )
+
+
+# ------------------------------------------------------------------------------- other families' names
+
+# Module names of ModelOpt's universal layout that no shipped layout uses (old Mixtral experts).
+_MODELOPT_ONLY_NAMES = ("w1", "w2", "w3")
+
+
+def _globs(pattern: str) -> list[str]:
+    return [g.strip() for g in pattern.split("|") if g.strip()]
+
+
+def _tail(glob: str) -> str:
+    return glob.strip().split(".")[-1].lstrip("*")
+
+
+@functools.cache
+def known_module_names() -> frozenset[str]:
+    """Last name components of every module a shipped layout (or ModelOpt's universal layout) addresses."""
+    names = set(_MODELOPT_ONLY_NAMES)
+    for path in LAYOUT_DIR.glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text()) or {}
+        patterns = list(raw.get("rotation_config") or {})
+        nf = raw.get("norm_fuse_config") or {}
+        for norm, readers in nf.get("decoder_layer_fuse", []) + nf.get("lm_head_fuse", []):
+            patterns += [norm, *(readers if isinstance(readers, list) else [readers])]
+        names.update(_tail(g) for pat in patterns for g in _globs(pat))
+    return frozenset(names)
+
+
+def other_family_glob(glob: str, names) -> bool:
+    """Does a glob that matches nothing name another family's module (rather than a typo)? Yes when its last
+    component is a module name some known family uses and the model has no module at the glob's parent path
+    (``*mixer.in_proj`` on a Llama); ``*self_attn.qkv_proj`` on a Llama, whose self_attn exists, is a typo."""
+    if _tail(glob) not in known_module_names():
+        return False
+    if "." not in glob.strip():
+        return True
+    parent = glob.strip().rsplit(".", 1)[0]
+    return not any(fnmatch.fnmatchcase(n.rsplit(".", 1)[0], parent) for n in names if "." in n)
+
+
+# ------------------------------------------------------------------------------------------------- norms
+
+
+def match_norms(pattern: str, modules, layout_name: str) -> list[str]:
+    """Names of the norm modules a norm_fuse_config pattern addresses. A bare name that is no module's full
+    name means, as in ModelOpt, any module whose name ends with it (``input_layernorm``)."""
+    found = match_pattern(pattern, modules)
+    if found:
+        return found
+    read = "|".join(g if any(c in g for c in "*?[") else f"*.{g}" for g in _globs(pattern))
+    found = match_pattern(read, modules)
+    if found:
+        note(f"layout {layout_name!r}: norm name {pattern!r} read as {read!r} (ModelOpt: names ending with it)")
+        return found
+    if all(_tail(g) in known_module_names() for g in _globs(pattern)):
+        note(f"layout {layout_name!r}: norm pattern {pattern!r} matches nothing (another family's norm): skipped")
+        return []
+    norms = [n for n, m in dict(modules).items() if "norm" in type(m).__name__.lower()]
+    raise no_match_error(pattern, norms, "norm")
+
+
+# ----------------------------------------------------------------------------------------- config alone
+
+
+def check_layout_for_config(layout: str | Path | dict | Layout, config) -> Layout | None:
+    """Validate a layout (shipped name, file, dict or Layout) against a model's config alone, before data or
+    weights are loaded: every dim resolves to a positive size <= MAX_DIM, the matrix lm_head reads (the
+    residual stream's) divides hidden_size, and a matrix on v_proj's output divides its width
+    (num_key_value_heads * head_dim). Returns the layout; ``"auto"`` returns None (it is inferred from the
+    loaded model) after checking that the config has a hidden_size."""
+    if layout == "auto":
+        check_dim_value(_as_int(_config_value(config, "hidden_size"), "hidden_size"), "auto layout: hidden_size")
+        return None
+    lay = load_layout(layout)
+    dims = resolve_dims(lay, config)
+    for pattern, (m_in, m_out) in lay.rotation_config.items():
+        if m_in is not None and match_pattern(pattern, ["lm_head", "model.lm_head"]):
+            _must_divide(lay, m_in, dims[m_in], "hidden_size", config, "the residual stream (lm_head's input)")
+        if m_out is not None and any(_tail(g).endswith("v_proj") for g in _globs(pattern)):
+            _must_divide(lay, m_out, dims[m_out], "num_key_value_heads * head_dim", config, "v_proj's output")
+    return lay
+
+
+def _must_divide(lay: Layout, matrix: str, dim: int, expr: str, config, what: str) -> None:
+    try:
+        width = resolve_dim(expr, config)
+    except LayoutError:
+        return  # not knowable from this config: checked against the weights later
+    if width % dim:
+        raise LayoutError(
+            f"{_where(lay.name, matrix, lay.rotation_matrices[matrix].dim)} is {dim}, which does not divide "
+            f"{what} ({expr} = {width}); use a size that divides {width}, e.g. "
+            f"{'head_dim' if 'v_proj' in what else 'hidden_size'}"
+        )

@@ -1,9 +1,13 @@
-"""Loading Hugging Face causal LMs with clear errors (missing path, remote code, bad dtype)."""
+"""Loading Hugging Face causal LMs with clear errors (missing path, bad config.json, truncated weights, remote
+code, bad dtype, a sequence length beyond the model's context), each checked before anything heavy is loaded."""
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,21 +40,100 @@ def check_model_path(path: str | Path) -> Path:
     return p
 
 
+def check_model_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a model directory, parsed: a JSON object whose ``model_type`` transformers knows, or that
+    brings its own code (``auto_map``). ValueError naming the file and what would work otherwise."""
+    from transformers import CONFIG_MAPPING
+
+    file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON ({e}); restore it from the model's original files") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object with a model_type, got a {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if "auto_map" in cfg or model_type in CONFIG_MAPPING:
+        return cfg
+    if not model_type:
+        raise ValueError(f"{str(file)!r} has no model_type (e.g. \"llama\"): not a Hugging Face model config")
+    import transformers
+
+    close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ValueError(
+        f"{str(file)!r}: model_type {model_type!r} is not known to transformers {transformers.__version__}; "
+        f"{hint}upgrade transformers, or give the model's custom code (auto_map) and trust_remote_code"
+    )
+
+
 def needs_remote_code(path: Path) -> bool:
     from transformers import CONFIG_MAPPING
 
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON: {e}") from e
+    cfg = check_model_config(path)
     return "auto_map" in cfg and cfg.get("model_type") not in CONFIG_MAPPING
+
+
+def check_safetensors(model_dir: str | Path) -> None:
+    """Raise ValueError naming the first weights file in ``model_dir`` whose safetensors header is unreadable
+    or whose data is cut short (cheap: headers only; transformers' own error does not say which file)."""
+    from safetensors import safe_open
+
+    from .artifacts import ROTATIONS_FILE
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        if f.name == ROTATIONS_FILE:
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    fh.get_slice(k)
+        except Exception as e:
+            raise ValueError(
+                f"cannot load the model in {str(model_dir)!r}: corrupt or truncated file {str(f)!r} ({e}); "
+                "copy or download it again"
+            ) from e
+
+
+def check_model_dir(path: str | Path) -> dict[str, Any]:
+    """Every cheap check of a local model directory before loading it (exists, config.json valid, weights
+    files intact); returns the parsed config.json (e.g. for :func:`check_seqlen`)."""
+    p = check_model_path(path)
+    cfg = check_model_config(p)
+    check_safetensors(p)
+    return cfg
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def check_seqlen(config: Mapping | Any, seqlen: int | None, key: str) -> None:
+    """Refuse ``seqlen`` tokens per window beyond the model's context (``max_position_embeddings`` or its
+    equivalent in ``config``: a config.json dict or a transformers config): positions past it were never
+    trained, so perplexities there mean nothing. ``key`` names the setting (``data.seqlen``, ``--seqlen``)."""
+    if seqlen is None:
+        return
+    if not isinstance(config, Mapping):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text.to_dict() if hasattr(text, "to_dict") else vars(text)
+    config = config.get("text_config") or config
+    for name in _CONTEXT_KEYS:
+        limit = config.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if seqlen > limit:
+                raise ValueError(
+                    f"{key}={seqlen} is beyond the model's context ({name} = {limit}): positions past it were never "
+                    f"trained, so perplexities would mean nothing; use {key} <= {limit}"
+                )
+            return
 
 
 def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = False, device: str | None = None):
     """AutoModelForCausalLM.from_pretrained on a local directory, refusing remote code unless allowed."""
     from transformers import AutoModelForCausalLM
 
-    p = check_model_path(path)
+    p = Path(path)
+    check_model_dir(p)
     if needs_remote_code(p) and not trust_remote_code:
         raise ValueError(
             f"model at {str(path)!r} needs custom code from the hub or its directory (config.json has auto_map); "
@@ -69,6 +152,16 @@ def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = 
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """AutoTokenizer of a local directory; a config.json there is checked first (the tokenizer reads it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    p = Path(path)
+    if (p / "config.json").is_file():
+        check_model_config(p)
+    elif not p.is_dir():
+        check_model_path(p)  # says what is wrong with the path
+    try:
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except OSError as e:  # no or unreadable tokenizer files: a user error, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"cannot load the tokenizer in {str(path)!r}: {first}") from e

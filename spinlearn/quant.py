@@ -31,6 +31,7 @@ __all__ = [
     "quant_dequant",
     "fake_quantize",
     "quantize_weight",
+    "weight_qparams",
     "quantize_activation",
     "quantize_kv",
     "ActQuantizer",
@@ -53,6 +54,9 @@ class QuantSpec:
     token), or >0 for groups of that many entries along the last dim. clip_ratio: shrinks the
     range before quantizing (0 < r <= 1). mse_clip: search the clip ratio per row/group that
     minimises the quantization error (meant for weights; costs ~80 quantize passes).
+    format: "int" (the integer grid above) or an FP4 microscaling format ("nvfp4", "mxfp4", see
+    ``spinlearn.fp4``): those have 4-bit E2M1 values in fixed blocks (16 / 32) with their own scales, so
+    bits must be 4 (or 16 = off), group_size -1 or the block size, and sym / mse_clip do not apply.
     """
 
     bits: int = 16
@@ -60,8 +64,13 @@ class QuantSpec:
     group_size: int = -1
     clip_ratio: float = 1.0
     mse_clip: bool = False
+    format: str = "int"
 
     def __post_init__(self) -> None:
+        from .choices import QUANT_FORMATS
+
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"QuantSpec.format={self.format!r} is invalid: use one of {', '.join(QUANT_FORMATS)}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ValueError(
                 f"QuantSpec.bits={self.bits!r} is invalid: use an integer in 2..16 (16 = no quantization)"
@@ -75,6 +84,15 @@ class QuantSpec:
             )
         if not isinstance(self.clip_ratio, (int, float)) or not 0.0 < float(self.clip_ratio) <= 1.0:
             raise ValueError(f"QuantSpec.clip_ratio={self.clip_ratio!r} is invalid: use a number in (0, 1]")
+        if self.format != "int":
+            from .fp4 import BLOCK_SIZE
+
+            if self.bits not in (4, 16):
+                raise ValueError(f"QuantSpec.format={self.format!r} has 4-bit values: set bits to 4 (or 16 = off), "
+                                 f"not {self.bits}")
+            if self.group_size not in (-1, BLOCK_SIZE[self.format]):
+                raise ValueError(f"QuantSpec.format={self.format!r} uses blocks of {BLOCK_SIZE[self.format]}: set "
+                                 f"group_size to -1 or {BLOCK_SIZE[self.format]}, not {self.group_size}")
 
     @property
     def enabled(self) -> bool:
@@ -171,6 +189,10 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
         return x
     if x.dim() == 0:
         raise ValueError("fake_quantize needs a tensor with at least one dimension, got a scalar")
+    if spec.format != "int":
+        from .fp4 import fake_quantize_fp4
+
+        return fake_quantize_fp4(x, spec.format, float(spec.clip_ratio))
     n = x.shape[-1]
     group = n if spec.group_size == -1 else spec.group_size
     _check_groups(n, group, "QuantSpec")
@@ -184,6 +206,22 @@ def quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
     return fake_quantize(w, spec)
+
+
+@torch.no_grad()
+def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The integer grid's scale and zero point [out, in / group] (one column per channel) that
+    ``quantize_weight(w, spec)`` uses, so that its result is exactly ``scale * (q - zero)`` per group."""
+    if spec.format != "int":
+        raise ValueError(f"weight_qparams is for the int format; {spec.format} scales come from spinlearn.fp4")
+    if w.dim() != 2:
+        raise ValueError(f"weight_qparams expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    n = w.shape[-1]
+    group = n if spec.group_size == -1 else spec.group_size
+    _check_groups(n, group, "QuantSpec")
+    grouped = w.to(_compute_dtype(w)).reshape(w.shape[0], n // group, group)
+    scale, zero = find_qparams(grouped, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip)
+    return scale.squeeze(-1), zero.squeeze(-1)
 
 
 def quantize_activation(x: Tensor, spec: QuantSpec) -> Tensor:
@@ -276,8 +314,8 @@ class QuantSettings:
     def from_recipe(cls, q) -> QuantSettings:
         """``q``: a recipe's ``quant`` section (``config.QuantConfig`` fields)."""
         return cls(
-            w=QuantSpec(bits=q.w_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
-            a=QuantSpec(bits=q.a_bits, sym=q.a_sym, group_size=q.a_groupsize, clip_ratio=q.a_clip),
+            w=QuantSpec(bits=q.w_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip, format=q.format),
+            a=QuantSpec(bits=q.a_bits, sym=q.a_sym, group_size=q.a_groupsize, clip_ratio=q.a_clip, format=q.format),
             kv=QuantSpec(bits=q.kv_bits, sym=q.kv_sym, group_size=q.kv_groupsize),
             lm_head=QuantSpec(bits=q.lm_head_bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip),
         )

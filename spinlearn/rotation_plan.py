@@ -12,18 +12,21 @@ import torch
 from torch import nn
 
 from .choices import ROTATION_MODES
-from .fusion import center_writers, check_unfused_norms, fold_rotations, fuse_norms, untie_embeddings
+from .fusion import center_writers, check_unfused_norms, fold_rotations, fuse_norms, norm_readers, untie_embeddings
 from .layout import (
     Layout,
     LayoutError,
     Placement,
     load_layout,
     match_pattern,
-    no_match_error,
     resolve_dims,
     resolve_placements,
 )
+from .layout_infer import complete_layout, hidden_size, infer_layout
 from .rotations import fix_ones_direction, make_rotation, orthogonality_error
+
+
+AUTO = "auto"  # rotation.layout / --layout value that infers the layout from the model
 
 
 @dataclass
@@ -55,30 +58,25 @@ def _residual_matrix(layout: Layout, placements: list[Placement]) -> str | None:
     return None
 
 
-def _hidden_size(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(cfg.hidden_size)
-
-
 def prepare_model(model: nn.Module, layout: str | Layout) -> RotationPlan:
     """Validate the layout against the model, then untie embeddings, fuse norms and (LayerNorm models) centre
-    the residual writers. Nothing is modified if validation fails."""
-    layout = load_layout(layout)
+    the residual writers. Nothing is modified if validation fails.
+
+    ``layout="auto"`` infers the layout from the model; any other layout is completed with the residual
+    readers/writers and norm readers it misses (each with a note; see ``layout_infer.complete_layout``)."""
+    layout = infer_layout(model) if layout == AUTO else complete_layout(model, load_layout(layout))
     dims = resolve_dims(layout, model.config)
     untied_probe = _tied(model)
     placements = resolve_placements(model, layout, dims)
     residual = _residual_matrix(layout, placements)
-    # Validate norm patterns before touching anything.
     modules = dict(model.named_modules())
-    for pat, _ in layout.decoder_layer_fuse + [(n, None) for n, _ in layout.lm_head_fuse]:
-        if not match_pattern(pat, modules):
-            raise no_match_error(pat, [n for n, m in modules.items() if "norm" in type(m).__name__.lower()], "norm")
+    norm_readers(model, layout)  # validate norm patterns before touching anything
     if untied_probe:
         untie_embeddings(model)
         # lm_head got new storage: re-resolve so placements point at the live parameters.
         placements = resolve_placements(model, layout, dims)
     fused, kept_biases = fuse_norms(model, layout)
-    check_unfused_norms(model, layout, fused, _hidden_size(model))
+    check_unfused_norms(model, layout, fused, hidden_size(model))
     mean_preserving = any(getattr(modules[n], "bias", None) is not None for n in fused)
     if mean_preserving and residual is not None:
         writers = [p.target for p in placements if p.side == "output" and p.matrix == residual]

@@ -10,6 +10,7 @@ on the right", which is all ``rotate_axis`` does. A matrix smaller than the axis
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 
@@ -95,41 +96,134 @@ def orthogonality_error(r: torch.Tensor) -> float:
     return (r.transpose(-1, -2) @ r - eye).abs().max().item()
 
 
+def _ones_householder(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """v with H = I - 2 v v^T / (v^T v) the reflection swapping e1 and u = 1 / sqrt(n) (H is symmetric)."""
+    if n < 2:
+        raise ValueError(f"a mean-preserving rotation needs n >= 2, got n = {n}")
+    v = torch.full((n,), -(n**-0.5), dtype=dtype, device=device)
+    v[0] += 1.0
+    return v
+
+
+def ones_preserving(q: torch.Tensor) -> torch.Tensor:
+    """The n x n matrix R = H diag(1, Q) H for an (n-1) x (n-1) Q, H the reflection swapping e1 and 1/sqrt(n).
+
+    R 1 = 1 for any Q, and R is orthogonal iff Q is: the mean-preserving rotations (LayerNorm models) are
+    exactly these. Differentiable w.r.t. Q, and O(n^2) (two rank-one updates, no dense n x n product)."""
+    n = q.shape[-1] + 1
+    v = _ones_householder(n, q.dtype, q.device)
+    c = 2.0 / (v @ v)
+    d = torch.nn.functional.pad(q, (1, 0, 1, 0))
+    d = d + torch.nn.functional.pad(torch.ones(1, 1, dtype=q.dtype, device=q.device), (0, n - 1, 0, n - 1))
+    a = d - c * torch.outer(d @ v, v)  # D H
+    return a - c * torch.outer(v, v @ a)  # H D H
+
+
+def ones_residual(r: torch.Tensor) -> float:
+    """max |R 1 - 1|: how far r is from mapping the all-ones vector to itself."""
+    return (r.sum(-1) - 1.0).abs().max().item()
+
+
+def ones_complement(r: torch.Tensor, *, name: str = "", tol: float = 1e-4) -> torch.Tensor:
+    """The Q with ``ones_preserving(Q) == r`` (float64), for an orthogonal r with r 1 = 1.
+
+    Raises ValueError naming the matrix when r does not map the all-ones vector to itself within ``tol``."""
+    r64 = r.detach().to(torch.float64)
+    err = ones_residual(r64)
+    if not err <= tol:
+        raise ValueError(
+            f"rotation {name or '?'} must map the all-ones vector to itself (LayerNorm model: the residual "
+            f"rotation has to keep the channel mean), but max |R 1 - 1| = {err:.2e} > {tol:.0e}; build it with "
+            "spinlearn.rotations.fix_ones_direction or ones_preserving"
+        )
+    v = _ones_householder(r64.shape[0], torch.float64, r64.device)
+    c = 2.0 / (v @ v)
+    a = r64 - c * torch.outer(r64 @ v, v)  # R H
+    return (a - c * torch.outer(v, v @ a))[1:, 1:]  # H R H = diag(1, Q)
+
+
 class RotationBank(torch.nn.Module):
     """The learnable matrices, each a geoopt ManifoldParameter on the Stiefel manifold, registered once.
 
     Instance names ("r1", "r2.model.layers.0") contain dots, which parameter names cannot: they are stored
-    under sanitised keys and looked up through ``get``."""
+    under sanitised keys and looked up through ``get``.
 
-    def __init__(self, matrices: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    Instances named in ``preserve_ones`` (the residual matrix of a LayerNorm model, see ``for_plan``) stay
+    mean-preserving through training: their parameter is the (n-1) x (n-1) Q of ``R = ones_preserving(Q)``, so
+    the optimizer moves Q on its own Stiefel manifold and every R it produces maps 1 to 1. ``get``,
+    ``matrices`` and ``load_matrices`` always speak full n x n matrices; ``parameter_tensors`` /
+    ``load_parameter_tensors`` are the optimizer's variables themselves (bit-exact checkpoints)."""
+
+    def __init__(self, matrices: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 preserve_ones: Iterable[str] = ()):
         import geoopt
 
         super().__init__()
         self.names = list(matrices)
-        self.params = torch.nn.ParameterDict(
-            {
-                self._key(n): geoopt.ManifoldParameter(m.detach().to(dtype).clone(), manifold=geoopt.Stiefel())
-                for n, m in matrices.items()
-            }
-        )
+        self.preserve_ones = tuple(n for n in self.names if n in set(preserve_ones))
+        unknown = sorted(set(preserve_ones) - set(self.names))
+        if unknown:
+            raise KeyError(f"preserve_ones names matrices the bank does not hold: {unknown} "
+                           f"(it holds {self.names[:4]})")
+        self.params = torch.nn.ParameterDict({
+            self._key(n): geoopt.ManifoldParameter(
+                self._variable(n, m).to(dtype).clone(memory_format=torch.contiguous_format), manifold=geoopt.Stiefel())
+            for n, m in matrices.items()
+        })
+
+    @classmethod
+    def for_plan(cls, plan, matrices: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> RotationBank:
+        """The bank for a ``RotationPlan``: in a LayerNorm model (``plan.mean_preserving``) every instance of the
+        residual matrix is kept mean-preserving (``preserve_ones``)."""
+        keep = [inst for inst, (mname, _) in plan.instances().items()
+                if plan.mean_preserving and mname == plan.residual_matrix]
+        return cls(matrices, dtype, preserve_ones=keep)
+
+    def _variable(self, name: str, m: torch.Tensor) -> torch.Tensor:
+        """What the parameter holds for the full matrix m: m itself, or its Q (checked)."""
+        if name in self.preserve_ones:
+            return ones_complement(m, name=repr(name))
+        return m.detach()
 
     @staticmethod
     def _key(name: str) -> str:
         return name.replace(".", "__")
 
     def get(self, name: str) -> torch.Tensor:
-        return self.params[self._key(name)]
+        p = self.params[self._key(name)]
+        return ones_preserving(p) if name in self.preserve_ones else p
 
+    @torch.no_grad()
     def matrices(self) -> dict[str, torch.Tensor]:
         return {n: self.get(n).detach().clone() for n in self.names}
 
+    def _check_names(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        missing = set(self.names) - set(tensors)
+        if missing:
+            raise KeyError(f"{what} missing from the file: {sorted(missing)}")
+
     @torch.no_grad()
     def load_matrices(self, matrices: dict[str, torch.Tensor]) -> None:
-        missing = set(self.names) - set(matrices)
-        if missing:
-            raise KeyError(f"rotations missing from the file: {sorted(missing)}")
+        """Set every matrix from full n x n matrices (a mean-preserving one must map 1 to 1, checked)."""
+        self._check_names(matrices, "rotations")
         for n in self.names:
-            self.get(n).copy_(matrices[n].to(self.get(n).dtype))
+            p = self.params[self._key(n)]
+            p.copy_(self._variable(n, matrices[n]).to(p.dtype))
+
+    def parameter_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer's variables by instance name (Q for a mean-preserving matrix, else R itself)."""
+        return {n: self.params[self._key(n)].detach().clone() for n in self.names}
+
+    @torch.no_grad()
+    def load_parameter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Exact inverse of ``parameter_tensors`` (bit-exact resume)."""
+        self._check_names(tensors, "rotation parameters")
+        for n in self.names:
+            p = self.params[self._key(n)]
+            if tuple(tensors[n].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"rotation parameter {n!r} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[n].to(p.dtype))
 
     def max_orthogonality_error(self) -> float:
         return max((orthogonality_error(self.get(n).detach()) for n in self.names), default=0.0)

@@ -1,9 +1,10 @@
 """The Hugging Face Trainer subclass that learns the rotations.
 
 Only the RotationBank's Stiefel parameters are optimised; the model's weights are frozen. The loss is the
-causal-LM cross-entropy of the fake-quantized model, optionally plus KL to the float model computed by the
-same wrapped model with its quantizers switched off (no second copy of the weights). Checkpoints hold the
-rotations and the optimizer state (momentum included) as safetensors.
+causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) =
+sum_v p_teacher (log p_teacher - log p_student) per token (the usual distillation direction), the float
+teacher being the same wrapped model with its quantizers switched off (no second copy of the weights).
+Checkpoints hold the rotations and the optimizer state (momentum included) as safetensors.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .artifacts import OPTIMIZER_FILE, ROTATIONS_FILE, SCHEDULER_FILE
+from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .optim import CayleySGD
 from .quant import quantizers_disabled
 from .rotations import RotationBank
@@ -89,7 +90,7 @@ class RotationLogger(TrainerCallback):
 
 class RotationTrainer(Trainer):
     def __init__(self, *args, bank: RotationBank, rotation_optimizer: str = "cayley_sgd", momentum: float = 0.0,
-                 kl_weight: float = 0.0, ce_weight: float = 1.0, **kwargs):
+                 kl_weight: float = 0.0, ce_weight: float = 1.0, kl_topk: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.max_steps <= 0:
             raise ValueError("train.max_steps must be > 0: rotation training is step-based (SpinQuant uses 100)")
@@ -98,7 +99,9 @@ class RotationTrainer(Trainer):
         self.momentum = momentum
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
+        self.kl_topk = kl_topk
         self.tokens_seen = 0
+        self.loss_sum, self.loss_count = 0.0, 0  # the whole run's loss (restored on resume), mean over ranks
         # Our loss is a per-batch mean: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.rotation_logger = RotationLogger(self)
@@ -120,26 +123,30 @@ class RotationTrainer(Trainer):
         if self.kl_weight > 0:
             with torch.no_grad(), quantizers_disabled(self.accelerator.unwrap_model(model)):
                 teacher = model(input_ids=input_ids).logits
-            vocab = teacher.shape[-1]
-            kl = F.kl_div(
-                F.log_softmax(outputs.logits.float().view(-1, vocab), -1),
-                F.log_softmax(teacher.float().view(-1, vocab), -1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            loss = loss + self.kl_weight * kl
-        if not self._all_ranks_finite(loss):
+            loss = loss + self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk)
+        mean_loss = self._mean_over_ranks(loss)
+        if not math.isfinite(mean_loss):
             local = float(loss.detach())  # finite here when another rank hit the non-finite loss
             raise NonFiniteLossError(self.state.global_step + 1, local if not math.isfinite(local) else float("nan"))
+        self.loss_sum += mean_loss
+        self.loss_count += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank. Under DDP a rank that stopped alone would leave the others
-        waiting in the gradient all-reduce forever, so every rank learns about a non-finite loss anywhere."""
-        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The loss averaged over ranks (NaN if it is not finite on some rank). Under DDP a rank that stopped alone
+        would leave the others waiting in the gradient all-reduce forever, so every rank learns about a
+        non-finite loss anywhere; the same collective gives every rank the same whole-run loss."""
+        value = loss.detach().to(torch.float64).reshape(1)
+        stats = torch.cat([value.nan_to_num(0.0, 0.0, 0.0), (~torch.isfinite(value)).to(torch.float64)])
         if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite.item() > 0)
+            stats = stats.to(self.args.device)
+            torch.distributed.all_reduce(stats)
+        total, bad = stats.tolist()
+        return float("nan") if bad > 0 else total / self.args.world_size
+
+    def whole_run_loss(self) -> float:
+        """Mean training loss over every micro-batch of the run, resumed steps included."""
+        return self.loss_sum / max(self.loss_count, 1)
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -160,18 +167,26 @@ class RotationTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_file({n: m.cpu().contiguous() for n, m in self.bank.matrices().items()},
                   os.path.join(output_dir, ROTATIONS_FILE))
+        if self.bank.preserve_ones:  # the optimizer's variables are not the matrices: keep them exactly too
+            save_file({n: t.cpu().contiguous() for n, t in self.bank.parameter_tensors().items()},
+                      os.path.join(output_dir, ROTATION_PARAMS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, ROTATIONS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {ROTATIONS_FILE}")
-        self.bank.load_matrices(load_file(path))
+        self.bank.load_matrices(load_file(path))  # checks every matrix (a mean-preserving one must map 1 to 1)
+        params = os.path.join(resume_from_checkpoint, ROTATION_PARAMS_FILE)
+        if self.bank.preserve_ones and os.path.isfile(params):
+            self.bank.load_parameter_tensors(load_file(params))  # bit-exact: Q itself, not Q recovered from R
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.args.should_save:
             return
         tensors, meta = _flatten_optimizer_state(self.optimizer.state_dict())
         save_file(tensors, os.path.join(output_dir, OPTIMIZER_FILE), metadata=meta)
+        with open(os.path.join(output_dir, LOSS_STATE_FILE), "w") as f:
+            json.dump({"loss_sum": self.loss_sum, "loss_count": self.loss_count}, f)
         sched = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         with open(os.path.join(output_dir, SCHEDULER_FILE), "w") as f:
             json.dump(sched, f)
@@ -188,6 +203,11 @@ class RotationTrainer(Trainer):
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, meta))
+        loss_state = os.path.join(checkpoint, LOSS_STATE_FILE)
+        if os.path.isfile(loss_state):
+            with open(loss_state) as f:
+                saved = json.load(f)
+            self.loss_sum, self.loss_count = float(saved["loss_sum"]), int(saved["loss_count"])
         with open(os.path.join(checkpoint, SCHEDULER_FILE)) as f:
             sched = json.load(f)
         self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **sched})
@@ -202,3 +222,16 @@ class RotationTrainer(Trainer):
             with torch.no_grad():
                 for p in self.bank.parameters():
                     p.copy_(polar_orthonormalize(p))
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, topk: int | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged over tokens: sum_v p_t (log p_t - log p_s), the usual
+    distillation direction. With ``topk`` only the teacher's k most likely tokens count, both distributions
+    renormalised over them (OSTQuant's KL-Top): the long tail of a big vocabulary no longer dilutes the signal."""
+    vocab = teacher_logits.shape[-1]
+    t = teacher_logits.float().reshape(-1, vocab)
+    s = student_logits.float().reshape(-1, vocab)
+    if topk is not None and topk < vocab:
+        idx = t.topk(topk, dim=-1).indices
+        t, s = t.gather(-1, idx), s.gather(-1, idx)
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")

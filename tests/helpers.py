@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from transformers import TrainerCallback
 
 # family -> (config class name, layout, config kwargs)
 _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -118,3 +121,22 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+
+
+
+class DumpRankRotations(TrainerCallback):
+    """At the end of training every rank writes the matrices it holds to DIR/rank{i}.safetensors, so that a
+    multi-process run can be checked for ranks that drifted apart (injected into the job as a callback)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import save_file
+
+        from spinlearn.fakequant import BANK_ATTR
+
+        bank = getattr(model, BANK_ATTR)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu().contiguous() for k, v in bank.matrices().items()},
+                  str(self.directory / f"rank{args.process_index}.safetensors"))

@@ -11,16 +11,20 @@ from omegaconf import OmegaConf
 
 from spinlearn.config import (
     LR_SCHEDULERS,
+    RECIPE_DIR,
+    RESERVED_TRAIN_KEYS,
     RecipeConfig,
+    TrainConfig,
     RecipeError,
     load_recipe,
     recipe_to_yaml,
+    training_arguments_fields,
     training_arguments_kwargs,
     validate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))  # shipped inside the package; recipes/ links there
 BIT_KEYS = ["quant.w_bits", "quant.a_bits", "quant.kv_bits", "quant.lm_head_bits", "quant.gptq.w_bits"]
 
 MINIMAL = {
@@ -38,6 +42,8 @@ def write(tmp_path: Path, cfg: dict, name: str = "r.yaml") -> Path:
 
 
 def test_recipes_are_shipped():
+    assert (ROOT / "recipes").resolve() == RECIPE_DIR  # the README's `--config recipes/demo.yaml` keeps working
+    assert RECIPE_DIR == ROOT / "spinlearn" / "recipes"
     names = {p.stem for p in RECIPES}
     for model in ("llama3_8b", "llama3_2_1b", "qwen2_5_7b", "qwen3_8b"):
         assert {f"{model}_w4a4kv4", f"{model}_w16a4kv4"} <= names
@@ -237,7 +243,7 @@ def test_training_arguments_construct(tmp_path: Path, checkpointing: bool):
     import torch
     from transformers import TrainingArguments
 
-    demo = OmegaConf.load(ROOT / "recipes" / "demo.yaml")
+    demo = OmegaConf.load(RECIPE_DIR / "demo.yaml")
     demo.output_dir = str(tmp_path / "out")
     cfg = load_recipe(write(tmp_path, OmegaConf.to_container(demo)), [f"train.gradient_checkpointing={checkpointing}"])
     kwargs = training_arguments_kwargs(cfg)
@@ -256,3 +262,79 @@ def test_training_arguments_construct(tmp_path: Path, checkpointing: bool):
     assert args.output_dir == cfg.output_dir
     assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
     assert args.use_cpu is (not torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------ train.*: TrainingArguments passthrough
+def test_any_training_arguments_field_passes_through(tmp_path: Path):
+    from transformers import TrainingArguments
+
+    extra = {"adam_beta1": 0.8, "max_grad_norm": 2, "eval_strategy": "steps", "eval_steps": 5,
+             "lr_scheduler_kwargs": {"min_lr": 0.01}, "optim_target_modules": ["a", "b"], "data_seed": 3}
+    path = write(tmp_path, {**MINIMAL, "train": {"max_steps": 10, **extra}})
+    cfg = load_recipe(path, ["train.logging_first_step=true"])
+    assert cfg.train.learning_rate == 1.5  # spinlearn's defaults stay
+    assert cfg.train.lr_scheduler_type == "cosine" and list(cfg.train.report_to) == ["wandb"]
+    kwargs = training_arguments_kwargs(cfg)
+    args = TrainingArguments(**kwargs)
+    for key, value in {**extra, "logging_first_step": True}.items():
+        got = getattr(args, key)
+        assert (got.value if hasattr(got, "value") else got) == value, key
+    # The resolved recipe (saved with a run) loads back to the same settings.
+    again = load_recipe(write(tmp_path, OmegaConf.create(recipe_to_yaml(cfg)), "again.yaml"))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    # Passthrough keys do not loosen the schema: a typo after them is still refused.
+    with pytest.raises(RecipeError, match="train.adam_beta11"):
+        load_recipe(path, ["train.adam_beta11=0.5"])
+
+
+def test_misspelt_passthrough_key_suggests_the_training_arguments_field(tmp_path: Path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, MINIMAL), ["train.max_grad_nrom=1.0"])
+    msg = str(e.value)
+    assert "unknown recipe key 'train.max_grad_nrom'" in msg and "did you mean 'train.max_grad_norm'" in msg
+    assert "or any transformers.TrainingArguments field" in msg
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.adam_beta1=0.9", r"'train.adam_beta1' .* cannot be set here: .*rotation.optimizer"),
+        ("train.output_dir=elsewhere", r"'train.output_dir' .* cannot be set here: set the top-level 'output_dir'"),
+        ("train.remove_unused_columns=true", r"'train.remove_unused_columns' .* spinlearn sets it to false"),
+        ("train.max_grad_norm=big", r"train.max_grad_norm: expected float \(transformers.TrainingArguments"
+                                    r".max_grad_norm\), got 'big'"),
+        ("train.eval_strategy=step", r"train.eval_strategy: expected 'no' \| 'steps' \| 'epoch'.*got 'step'"),
+        ("train.logging_first_step=3", r"train.logging_first_step: expected bool"),
+        ("train.label_names=[1,2]", r"train.label_names: expected list"),
+    ],
+)
+def test_passthrough_errors_name_the_key(tmp_path: Path, override: str, pattern: str):
+    with pytest.raises(RecipeError, match=pattern):
+        load_recipe(write(tmp_path, MINIMAL), [override])
+
+
+def test_spinlearn_train_keys_are_training_arguments_fields():
+    fields = training_arguments_fields()
+    assert {f for f in TrainConfig.__dataclass_fields__} <= set(fields)
+    assert set(RESERVED_TRAIN_KEYS) <= set(fields)
+
+
+def test_config_import_stays_torch_and_transformers_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; from spinlearn.config import load_recipe; "
+            "load_recipe(None, ['model.path=m', 'data.train=a.txt', 'output_dir=o', 'train.max_steps=1']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("value, expected", [("latest", "latest"), ("true", True), ("false", False),
+                                             ("null", None), ("runs/x/checkpoint-3", "runs/x/checkpoint-3")])
+def test_resume_from_checkpoint_values(tmp_path: Path, value: str, expected):
+    cfg = load_recipe(write(tmp_path, MINIMAL), [f"train.resume_from_checkpoint={value}"])
+    assert cfg.train.resume_from_checkpoint == expected
+    assert "resume_from_checkpoint" not in training_arguments_kwargs(cfg)
+    with pytest.raises(RecipeError, match="train.resume_from_checkpoint: must be latest"):
+        load_recipe(write(tmp_path, MINIMAL), ["train.resume_from_checkpoint=3"])

@@ -100,6 +100,36 @@ def test_unknown_extension_lists_supported_ones(tmp_path):
         load_text(str(path))
 
 
+BAD_FILES = {
+    "empty_txt": ("a.txt", b"", r"data file '.*a.txt' is empty"),
+    "empty_jsonl": ("a.jsonl", b"", r"data file '.*a.jsonl' is empty"),
+    "whitespace": ("a.txt", b"  \n\n \n", r"'.*a.txt' holds no text"),
+    "binary": ("a.txt", b"\x7fELF\x02\x01\x00\x00garbage", r"'.*a.txt' is binary, not text \(a NUL byte at offset 6\)"),
+    "latin1": ("a.txt", "café au lait\n".encode("latin-1"), r"'.*a.txt' is not UTF-8 text \(byte 0xe9 near offset 3\).*iconv"),
+    "latin1_at_end_gz": ("a.txt.gz", gzip.compress("café".encode("latin-1")), r"'.*a.txt.gz' is not UTF-8 text"),
+    "broken_gz": ("a.jsonl.gz", b"\x1f\x8b\x08\x00garbage", r"'.*a.jsonl.gz' cannot be read or decompressed"),
+    "bad_json": ("a.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"cannot read data file '.*a.jsonl': "),
+    "not_parquet": ("a.parquet", b"PAR1 then nothing", r"'.*a.parquet' is not a complete parquet file"),
+    "no_documents": ("a.jsonl", b'{"text": ""}\n{"text": null}\n', r"'.*a.jsonl' holds no text \(column 'text'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_unreadable_data_file_is_one_line_naming_it(case, tmp_path, cache):
+    name, content, pattern = BAD_FILES[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_text(str(tmp_path / name), cache_dir=cache)
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_file_in_a_glob_is_named(tmp_path, cache):
+    (tmp_path / "a.txt").write_text("fine text\n")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"'.*b.txt' is not UTF-8"):
+        load_text(str(tmp_path / "*.txt"), cache_dir=cache)
+
+
 def test_mixed_kinds_in_one_glob_and_a_directory_are_refused(tmp_path):
     (tmp_path / "a.txt").write_text("x\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "y"}) + "\n")

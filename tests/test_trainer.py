@@ -311,3 +311,47 @@ def test_optimizer_state_flattens_to_safetensors_and_back():
         assert set(back["state"][idx]) == set(st)
         torch.testing.assert_close(back["state"][idx]["momentum_buffer"], st["momentum_buffer"], rtol=0, atol=0)
         assert back["state"][idx]["step"] == st["step"]
+
+
+# ------------------------------------------------------------------------ checkpoints of a mean-preserving bank
+def test_checkpoint_of_a_mean_preserving_bank_resumes_bit_exactly(tmp_path):
+    """OPT (LayerNorm): the optimizer moves Q of R1 = H diag(1, Q) H; the checkpoint holds the full R1 (which maps 1
+    to 1) for users and Q itself for a bit-exact resume; without Q it is recovered from R1 (to rounding)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from spinlearn.artifacts import ROTATION_PARAMS_FILE, ROTATIONS_FILE
+    from spinlearn.rotations import ones_residual
+
+    model = tiny_model("opt")
+    plan = prepare_model(model, "opt")
+    bank = RotationBank.for_plan(plan, make_matrices(plan, mode="hadamard", seed=0))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, BANK_ATTR, bank)
+    wrap_model(model, plan=plan, bank=bank, quant=W4A4KV4)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    trainer = RotationTrainer(model=model, args=trainer_args(tmp_path, steps=1, batch=2),
+                              train_dataset=TokenBlockDataset(ids), bank=bank)
+    opt = trainer.create_optimizer()
+    assert [tuple(p.shape) for g in opt.param_groups for p in g["params"]][0] == (63, 63)  # Q, not R1
+    trainer.compute_loss(model, {"input_ids": ids, "labels": ids}).backward()
+    opt.step()
+    ckpt = tmp_path / "checkpoint-1"
+    trainer._save(str(ckpt))
+    saved = load_file(ckpt / ROTATIONS_FILE)
+    assert saved["r1"].shape == (64, 64) and ones_residual(saved["r1"].double()) <= 1e-5
+    before = bank.parameter_tensors()
+    for resume_exact in (True, False):
+        if not resume_exact:
+            os.remove(ckpt / ROTATION_PARAMS_FILE)
+        with torch.no_grad():
+            for p in bank.parameters():
+                p.copy_(torch.eye(p.shape[0]))
+        trainer._load_from_checkpoint(str(ckpt))
+        for n, t in bank.parameter_tensors().items():
+            if resume_exact:
+                assert torch.equal(t, before[n]), n
+            else:
+                torch.testing.assert_close(t, before[n], rtol=0, atol=1e-5)

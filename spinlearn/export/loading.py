@@ -1,0 +1,150 @@
+"""Load a compressed-tensors export back as a float model that computes what vLLM serves.
+
+Weights are decompressed by compressed-tensors' own compressors (``scale * q``, NVFP4 ``q * s_b / g``), and every
+online transform of ``transform_config`` (location ``input``) is installed as a forward pre-hook
+``x -> x V / sqrt(n)`` with the stored matrix V, the dense path vLLM takes. Offline records (``weight_input``)
+are already in the weights and are not applied again.
+
+Plain ``AutoModelForCausalLM.from_pretrained`` on such a directory (transformers 5.x) decompresses the
+weights but ignores ``transform_config``: with online Hadamards it computes a different function. Use
+``load_export`` (``spinlearn eval --model OUT``) or vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+CT_METHOD = "compressed-tensors"
+
+
+def export_config(path: str | Path) -> dict | None:
+    """The ``quantization_config`` of a compressed-tensors checkpoint directory, or None for any other model."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    except ValueError:
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == CT_METHOD else None
+
+
+def is_export(path: str | Path) -> bool:
+    return export_config(path) is not None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {str(path)!r}")
+    out: dict[str, Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _decompress(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> dict[str, Tensor]:
+    """Replace each quantized module's compressed tensors by its decompressed ``weight``."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils import is_match
+
+    from .compressed import _eager
+
+    if not qc.get("config_groups"):
+        return tensors  # float export: only transforms
+    config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "transform_config"})
+    for name, module in model.named_modules():
+        prefix = f"{name}."
+        local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if "weight_scale" not in local:
+            continue  # not quantized
+        for scheme in config.config_groups.values():
+            if is_match(name, module, scheme.targets, config.ignore or []):
+                fmt = scheme.format or config.format
+                with _eager():
+                    dec = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)
+                for k in local:
+                    tensors.pop(prefix + k)
+                tensors[prefix + "weight"] = dec["weight"]
+                break
+    return tensors
+
+
+def _online_hook(matrix: Tensor):
+    scaled = matrix.to(torch.float64) / math.sqrt(matrix.shape[0])
+
+    def hook(module, args):
+        x = args[0]
+        return (torch.matmul(x.to(torch.float64), scaled.to(x.device)).to(x.dtype), *args[1:])
+
+    return hook
+
+
+def apply_online_transforms(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> list[str]:
+    """Install the online ``input`` transforms of ``transform_config``; returns the module names."""
+    from compressed_tensors.transform import TransformConfig
+    from compressed_tensors.utils import is_match
+
+    raw = qc.get("transform_config") or {}
+    if not raw:
+        return []
+    tconfig = TransformConfig.model_validate(raw)
+    done = []
+    for group, scheme in tconfig.config_groups.items():
+        for args in scheme.apply:
+            if args.location == "output":
+                raise ValueError(f"transform group {group!r}: online output transforms are not supported by spinlearn")
+            if args.location != "input":
+                continue  # weight_input / weight_output: already folded into the stored weights
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and is_match(name, module, args.targets, args.ignore):
+                    key = f"{name}.{group}_{args.location}.weight"
+                    if key not in tensors:
+                        raise ValueError(f"transform {group!r} targets {name!r} but the checkpoint has no {key!r}")
+                    module.register_forward_pre_hook(_online_hook(tensors.pop(key)))
+                    done.append(name)
+    return done
+
+
+def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Module:
+    """A compressed-tensors export as an eval-mode float model: weights decompressed, online transforms hooked.
+
+    ``model.spinlearn_export`` records {"format", "online": [module names]} for reports."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..loading import parse_dtype
+
+    path = Path(path)
+    qc = export_config(path)
+    if qc is None:
+        raise ValueError(f"{str(path)!r} is not a compressed-tensors checkpoint (no quantization_config in config.json)")
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    want = parse_dtype(dtype)
+    torch_dtype = want
+    if want == "auto":
+        saved = getattr(config, "dtype", None) or torch.float32
+        torch_dtype = getattr(torch, saved) if isinstance(saved, str) else saved
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    tensors = _decompress(model, _read_tensors(path), qc)
+    online = apply_online_transforms(model, tensors, qc)
+    state = {k: v.to(torch_dtype) if torch.is_floating_point(v) else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"export {str(path)!r} does not fit its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.spinlearn_export = {"format": qc.get("format"), "online": online}
+    return model.eval()

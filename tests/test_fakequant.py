@@ -1,0 +1,145 @@
+"""spinlearn.fakequant: wrapping and unwrapping a model, and activation quantization of every linear input,
+3-D MoE experts included (counted at the matmuls themselves, not at the hooks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from helpers import layout_for, tiny_model
+from spinlearn.fakequant import BANK_ATTR, wrap_model
+from spinlearn.quant import QuantSettings, QuantSpec, quantizers_disabled
+from spinlearn.rotation_plan import make_matrices, prepare_model
+from spinlearn.rotations import RotationBank
+
+A_BITS = 4
+W4A4KV4 = QuantSettings(w=QuantSpec(bits=4), a=QuantSpec(bits=A_BITS, sym=False), kv=QuantSpec(bits=4, sym=False))
+A4 = QuantSettings(a=QuantSpec(bits=A_BITS, sym=False))
+
+
+def _ids(n: int = 2, t: int = 24) -> torch.Tensor:
+    return torch.randint(3, 128, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+class LinearInputs(TorchFunctionMode):
+    """Records (weight shape, max distinct values in one input row) for every F.linear call: the input a linear
+    layer or an expert projection really multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[tuple[int, ...], int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            rows = x.detach().reshape(-1, x.shape[-1])
+            distinct = max(len(torch.unique(r)) for r in rows)
+            self.calls.append((tuple(w.shape), distinct))
+        return func(*args, **kwargs)
+
+
+def _linear_inputs(model) -> list[tuple[tuple[int, ...], int]]:
+    with torch.no_grad(), LinearInputs() as rec:
+        model(input_ids=_ids())
+    return rec.calls
+
+
+def _float_only_shapes(model) -> set[tuple[int, int]]:
+    """Weights whose inputs stay in float by design: lm_head and MoE routers."""
+    cfg = model.config
+    shapes = {(cfg.vocab_size, cfg.hidden_size)}
+    if getattr(cfg, "num_local_experts", None):
+        shapes.add((cfg.num_local_experts, cfg.hidden_size))
+    return shapes
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_every_quantized_linear_input_has_at_most_2_bits_values_per_token(family):
+    model = tiny_model(family)
+    handle = wrap_model(model, quant=A4)
+    calls = _linear_inputs(model)
+    float_only = _float_only_shapes(model)
+    quantized = [(s, d) for s, d in calls if s not in float_only]
+    assert {s for s, _ in calls} & float_only  # lm_head was seen (and is left in float)
+    assert all(d <= 2**A_BITS for _, d in quantized), sorted({(s, d) for s, d in quantized if d > 2**A_BITS})
+    with quantizers_disabled(model):  # the same inputs in float have many more: the count above is meaningful
+        assert all(d > 2**A_BITS for s, d in _linear_inputs(model) if s not in float_only)
+    if family == "mixtral":
+        inter, hidden = model.config.intermediate_size, model.config.hidden_size
+        shapes = {s for s, _ in quantized}
+        assert {(2 * inter, hidden), (hidden, inter)} <= shapes  # both expert projections, per expert
+    handle.remove()
+
+
+def test_without_the_experts_forward_the_down_proj_input_stays_float():
+    """The fix is the quantized experts forward: with the plain eager forward (what a module-input hook alone gives)
+    the input of the experts' down projection, act(gate) * up, reaches the matmul unquantized."""
+    model = tiny_model("mixtral")
+    handle = wrap_model(model, quant=A4)
+    for layer in model.model.layers:
+        del layer.mlp.experts.forward  # back to transformers' eager experts loop
+    inter, hidden = model.config.intermediate_size, model.config.hidden_size
+    down = [d for s, d in _linear_inputs(model) if s == (hidden, inter)]
+    assert down and max(down) > 2**A_BITS
+    handle.remove()
+
+
+def test_quantized_experts_forward_is_eager_bit_for_bit_with_quantizers_off():
+    model = tiny_model("mixtral", dtype=torch.float64)
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        handle = wrap_model(model, quant=A4)
+        quantized = model(input_ids=ids).logits
+        with quantizers_disabled(model):
+            off = model(input_ids=ids).logits
+    handle.remove()
+    assert torch.equal(off, reference)
+    assert (quantized - reference).abs().max() > 1e-3
+
+
+def test_bare_expert_tensors_outside_a_transformers_experts_module_are_refused():
+    model = tiny_model("mixtral")
+    del model.model.layers[0].mlp.experts.has_gate  # no longer the use_experts_implementation contract
+    name = r"'model\.layers\.0\.mlp\.experts\.gate_up_proj'"
+    with pytest.raises(ValueError, match=rf"cannot fake-quantize the input of {name}.*lacks \['has_gate'\]"):
+        wrap_model(model, quant=A4)
+    assert not any(hasattr(m, "spinlearn_act") or "parametrizations" in m._modules for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ wrap / remove
+def _structure(model) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(n, type(m).__name__, tuple(sorted(m.__dict__.get("_forward_pre_hooks", {})))) +
+            (("forward" in m.__dict__),) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "opt"])
+def test_wrap_then_remove_restores_structure_weights_and_outputs(family):
+    model = tiny_model(family)
+    plan = prepare_model(model, layout_for(family))
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_structure = _structure(model)
+    attn = model.config._attn_implementation
+    ids = _ids()
+    with torch.no_grad():
+        before_logits = model(input_ids=ids).logits
+    bank = RotationBank.for_plan(plan, make_matrices(plan, mode="hadamard", seed=0))
+    setattr(model, BANK_ATTR, bank)
+    handle = wrap_model(model, plan=plan, bank=bank, quant=W4A4KV4, r3=family != "opt")
+    with torch.no_grad():
+        wrapped_logits = model(input_ids=ids).logits
+    assert _structure(model) != before_structure  # something was installed...
+    handle.remove()
+    delattr(model, BANK_ATTR)
+    assert _structure(model) == before_structure  # ...and all of it is gone
+    assert model.config._attn_implementation == attn
+    after_state = model.state_dict()
+    assert set(after_state) == set(before_state)
+    assert all(torch.equal(after_state[k], before_state[k]) for k in before_state)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before_logits)
+    assert (wrapped_logits - before_logits).abs().max() > 1e-3  # the wrapped model really was different
