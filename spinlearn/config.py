@@ -9,8 +9,18 @@ Unknown keys, missing required values and out-of-range settings fail with a :cla
 (a ``ValueError``) that names the dotted key, where it came from and what would work. Paths are not
 checked for existence here: the data and model loaders do that when they open them.
 
+``train`` takes any ``transformers.TrainingArguments`` field besides the keys declared in :class:`TrainConfig`
+(which carry spinlearn's defaults): such keys are checked against TrainingArguments' own fields and types, except
+the few spinlearn sets itself (:data:`RESERVED_TRAIN_KEYS`).
+
+Shipped recipes live in ``spinlearn/recipes/`` (``recipes/`` in a checkout links there); :func:`copy_recipe`
+(``spinlearn recipes cp NAME DEST``) copies one with its ``spinlearn/demo/...`` paths made absolute paths of the
+installed package, so that a copy runs from any directory. The loader itself resolves paths against the current
+directory only.
+
 This module deliberately imports neither torch nor transformers at import time, so reading or
-checking a recipe stays fast (``training_arguments_kwargs`` imports torch lazily).
+checking a recipe stays fast (``training_arguments_kwargs`` imports torch lazily; transformers is imported only
+for a recipe with ``train`` keys beyond :class:`TrainConfig`).
 """
 
 from __future__ import annotations
@@ -439,7 +449,10 @@ def _data_source_ok(value: str) -> bool:
     return value in HUB_DATASETS or value.lower().endswith(DATA_SUFFIXES)
 
 
-def _check_values(cfg: DictConfig, errors: list[str]) -> None:
+def _value_checks(cfg: DictConfig, errors: list[str]):
+    """need(ok, key, msg), one_of(key, choices), positive(key, optional), groupsize(key): each appends
+    "KEY: what is wrong, got VALUE" to ``errors``."""
+
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             errors.append(f"{key}: {msg}, got {OmegaConf.select(cfg, key)!r}")
@@ -456,6 +469,38 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
         v = OmegaConf.select(cfg, key)
         need(v == -1 or v > 0, key, "must be -1 (one group per row/head) or a positive group size")
 
+    return need, one_of, positive, groupsize
+
+
+def _check_train_values(cfg: DictConfig, errors: list[str]) -> None:
+    need, _, positive, _ = _value_checks(cfg, errors)
+    t = cfg.train
+    if t.max_steps <= 0:
+        errors.append(
+            f"train.max_steps: max_steps must be > 0: rotation training is step-based (SpinQuant uses 100); "
+            f"got {t.max_steps} (HF's -1 default would silently run epochs or nothing). Set train.max_steps=N"
+        )
+    positive("train.learning_rate")
+    positive("train.per_device_train_batch_size")
+    positive("train.gradient_accumulation_steps")
+    positive("train.logging_steps")
+    positive("train.save_steps")
+    positive("train.save_total_limit", optional=True)
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.dataloader_num_workers >= 0, "train.dataloader_num_workers", "must be >= 0")
+    reports = list(t.report_to)
+    names_ok = all(isinstance(x, str) and x.strip() for x in reports)
+    need(names_ok, "train.report_to", "must be a list of integration names")
+    need("none" not in reports or reports == ["none"], "train.report_to", "'none' cannot be combined with integrations")
+    resume = t.resume_from_checkpoint
+    need(resume is None or isinstance(resume, bool) or (isinstance(resume, str) and bool(resume.strip())),
+         "train.resume_from_checkpoint", "must be latest | true (the newest complete checkpoint) | a path | null")
+    _check_train_passthrough(cfg, errors)
+
+
+def _check_values(cfg: DictConfig, errors: list[str]) -> None:
+    need, one_of, positive, groupsize = _value_checks(cfg, errors)
     lo, hi = BITS_RANGE
     for key in ("quant.w_bits", "quant.a_bits", "quant.kv_bits", "quant.lm_head_bits", "quant.gptq.w_bits"):
         v = OmegaConf.select(cfg, key)
@@ -463,7 +508,7 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
             continue
         need(lo <= v <= hi, key, f"bits must be in {lo}..{hi} (16 = not quantized)")
 
-    d, q, r, t = cfg.data, cfg.quant, cfg.rotation, cfg.train
+    d, q, r = cfg.data, cfg.quant, cfg.rotation
     one_of("model.dtype", TRAIN_DTYPES)
     one_of("quant.w_method", WEIGHT_METHODS)
     one_of("quant.format", QUANT_FORMATS)
@@ -511,28 +556,7 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     if cfg.loss.kl_weight == 0 and cfg.loss.ce_weight == 0:
         errors.append("loss: ce_weight and kl_weight are both 0, so nothing would be trained; make one > 0")
 
-    if t.max_steps <= 0:
-        errors.append(
-            f"train.max_steps: max_steps must be > 0: rotation training is step-based (SpinQuant uses 100); "
-            f"got {t.max_steps} (HF's -1 default would silently run epochs or nothing). Set train.max_steps=N"
-        )
-    positive("train.learning_rate")
-    positive("train.per_device_train_batch_size")
-    positive("train.gradient_accumulation_steps")
-    positive("train.logging_steps")
-    positive("train.save_steps")
-    positive("train.save_total_limit", optional=True)
-    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(t.dataloader_num_workers >= 0, "train.dataloader_num_workers", "must be >= 0")
-    reports = list(t.report_to)
-    names_ok = all(isinstance(x, str) and x.strip() for x in reports)
-    need(names_ok, "train.report_to", "must be a list of integration names")
-    need("none" not in reports or reports == ["none"], "train.report_to", "'none' cannot be combined with integrations")
-    resume = t.resume_from_checkpoint
-    need(resume is None or isinstance(resume, bool) or (isinstance(resume, str) and bool(resume.strip())),
-         "train.resume_from_checkpoint", "must be latest | true (the newest complete checkpoint) | a path | null")
-    _check_train_passthrough(cfg, errors)
+    _check_train_values(cfg, errors)
     positive("eval.batch_size")
 
 

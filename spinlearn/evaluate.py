@@ -14,6 +14,7 @@ Where a learned rotation is found (``--rotation learned``):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -119,6 +120,16 @@ def apply_rotations_file(
                 f"rotations file {str(path)!r}: matrix {name!r} is not orthogonal (|R^T R - I| = {err:.1e})"
             )
     plan = prepare_model(model, lay)
+    if plan.mean_preserving:  # LayerNorm with bias: the residual matrix must map the all-ones vector to itself
+        from .rotations import ones_residual
+
+        for name, (mname, _) in plan.instances().items():
+            if mname == plan.residual_matrix and ones_residual(matrices[name].double()) > 1e-4:
+                raise ValueError(
+                    f"rotations file {str(path)!r}: matrix {name!r} does not map the all-ones vector to itself "
+                    f"(max |R 1 - 1| = {ones_residual(matrices[name].double()):.1e}); this LayerNorm model "
+                    "(biased norms) stays exact only with such a residual rotation"
+                )
     fold_rotations(plan.placements, {k: v.double() for k, v in matrices.items()}, plan.layout.use_float64)
     return matrices
 
@@ -146,7 +157,15 @@ def _load(model_path_or_model, dtype):
 
     path = check_model_path(model_path_or_model)
     check_safetensors(path)
+    from .export.loading import is_export, load_export
+
     try:
+        if is_export(path):  # compressed-tensors export: decompress and apply its online transforms
+            model = load_export(path, dtype=dtype)
+            info = model.spinlearn_export
+            print(f"loaded export {path} ({info['format'] or 'float'}): weights decompressed with compressed-tensors, "
+                  f"online input transforms applied on {len(info['online'])} layers", file=sys.stderr)
+            return model, path
         return load_causal_lm(path, dtype=dtype), path
     except (ValueError, FileNotFoundError):
         raise

@@ -239,7 +239,7 @@ def wrap_model(
     (``online.fold_online``): only the online half ``x -> x H`` is installed."""
     quant = quant or QuantSettings()
     handle = FakeQuantHooks(model)
-    targets = addressable_targets(model)
+    targets = addressable_targets(model, skip=(BANK_ATTR,))
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     # Which matrix instance each tensor reads / writes.
@@ -319,7 +319,7 @@ def rotations_attached(
     if hasattr(model, BANK_ATTR):
         raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
     device = next(model.parameters()).device
-    bank = (bank if bank is not None else RotationBank(matrices)).to(device)
+    bank = (bank if bank is not None else RotationBank.for_plan(plan, matrices)).to(device)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)

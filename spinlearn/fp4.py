@@ -72,7 +72,7 @@ def _check_blocks(x: Tensor, fmt: str) -> int:
     if x.dim() == 0 or x.shape[-1] % block != 0:
         raise ValueError(
             f"{fmt} quantizes blocks of {block} along the last dimension, which is "
-            f"{tuple(x.shape)[-1:] or 'a scalar'}: use a width divisible by {block} or the int format"
+            f"{x.shape[-1] if x.dim() else 'absent (a scalar)'}: use a width divisible by {block} or the int format"
         )
     return block
 

@@ -99,7 +99,9 @@ class RotationJob:
         from transformers import TrainingArguments
 
         from .config import training_arguments_kwargs
+        from .distributed import claim_fsdp_request
 
+        self.fsdp = claim_fsdp_request()  # before accelerate sees it: spinlearn shards the model (distributed.py)
         # A PartialState made before TrainingArguments would describe a single process in which every rank is
         # "main" and all of them would write the outputs at once.
         self.args = TrainingArguments(**training_arguments_kwargs(self.cfg))
@@ -168,11 +170,17 @@ class RotationJob:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 self.metrics["ppl_quant_before"] = self._ppl(label)
             self.trainer = self._make_trainer(handle.bank)
+            if self.fsdp:
+                self._shard(handle.bank)
             t0 = time.perf_counter()
             self._fit()
             train_time = time.perf_counter() - t0
             self.trainer.finalize_rotations()
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
+            if self.fsdp:
+                from .distributed import check_replicated
+
+                check_replicated(list(handle.bank.parameters()))
             self.metrics.update(
                 steps=int(self.trainer.state.global_step),
                 train_time_s=round(train_time, 2),
@@ -180,6 +188,9 @@ class RotationJob:
                 final_train_loss=self.trainer.whole_run_loss(),
                 max_orth_error=handle.bank.max_orthogonality_error(),
             )
+
+        if self.fsdp:
+            self._reload_after_fsdp()
 
     def fuse(self) -> None:
         """Fold the learned matrices into the weights (float64). The result is a plain HF model, exact in plain
@@ -215,6 +226,7 @@ class RotationJob:
             artifacts.save_model_dir(self.model, self.staging / artifacts.MODEL_DIR, tokenizer_source=self.cfg.model.path)
             artifacts.save_rotations(self.learned, self.staging / artifacts.ROTATIONS_FILE,
                                      {"layout": self.plan.layout.name})
+            (self.staging / artifacts.LAYOUT_FILE).write_text(self.plan.layout.to_yaml())  # as resolved (auto too)
             (self.staging / artifacts.RECIPE_FILE).write_text(recipe_to_yaml(self.cfg))
             for scheme in self.cfg.export.schemes:
                 self._export_scheme(scheme)
@@ -252,6 +264,26 @@ class RotationJob:
             kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight, kl_topk=cfg.loss.kl_topk,
             callbacks=self.callbacks or None,
         )
+
+    def _shard(self, bank) -> None:
+        from .distributed import shard_for_training
+
+        units = shard_for_training(self.trainer, bank)
+        _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, rotations replicated",
+             self.main)
+
+    def _reload_after_fsdp(self) -> None:
+        """FSDP trained a sharded model whose frozen weights never changed: load and prepare them again, whole on
+        every rank, for fusion, evaluation and the export (written by the main process)."""
+        from .loading import load_causal_lm
+
+        cfg = self.cfg
+        self.trainer.model = self.trainer.model_wrapped = None
+        self.trainer.accelerator.free_memory()
+        self.model = None
+        self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.model.to(self.state.device)
+        self.plan = prepare_model(self.model, cfg.rotation.layout)
 
     def _fit(self) -> None:
         from .trainer import NonFiniteLossError

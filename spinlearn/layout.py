@@ -22,11 +22,21 @@ the longest dotted prefix of their name that matches it.
 
 Globs are matched against full dotted names (fnmatch). A glob addresses a module with a ``weight`` (Linear,
 Embedding) or a parameter directly (transformers-5 MoE experts are 3-D parameters ``[E, out, in]``).
+
+ModelOpt's layouts work unchanged; their conventions are translated with a note (a ``LayoutNote`` warning,
+once per message): ``"*embed_tokens": [r1, null]`` (an Embedding's first entry rotates its hidden side),
+bare norm names (``input_layernorm``: any module whose name ends with it) and ``dim: head_dim`` on configs
+without one (``hidden_size // num_attention_heads``, as transformers does). A pattern that matches nothing is
+skipped with a note when it names another family's module (its last name is one a known layout uses and the
+model has nothing at its parent path: ``*in_proj`` on a Llama); otherwise (``*mlp.wi``, ``*self_attn.qkv_proj``
+on a Llama) or when a skip leaves a matrix with no reader or no writer, it is an error.
+``check_layout_for_config`` validates a layout against a model's config alone (before weights are loaded).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import fnmatch
 import functools
@@ -55,8 +65,29 @@ class LayoutNote(UserWarning):
     """A layout convention translated (ModelOpt's) or a pattern skipped / completed; shown once per message."""
 
 
+_NOTE_SCOPES: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def notes_once():
+    """Within this block each distinct note is shown once (one rotation resolves a layout several times)."""
+    _NOTE_SCOPES.append(set())
+    try:
+        yield
+    finally:
+        _NOTE_SCOPES.pop()
+
+
+_NOTE_REGISTRY: dict = {}
+
+
 def note(message: str) -> None:
-    warnings.warn(message, LayoutNote, stacklevel=3)
+    """Show a LayoutNote as ``spinlearn:0: LayoutNote: message`` (no source line), once per message."""
+    if _NOTE_SCOPES:
+        if message in _NOTE_SCOPES[-1]:
+            return
+        _NOTE_SCOPES[-1].add(message)
+    warnings.warn_explicit(message, LayoutNote, "spinlearn", 0, module="spinlearn.layout", registry=_NOTE_REGISTRY)
 
 
 def shipped_layouts() -> list[str]:
@@ -121,6 +152,11 @@ def load_layout(name_or_path: str | Path | dict | Layout) -> Layout:
         except yaml.YAMLError as e:
             raise LayoutError(f"layout file {text!r} is not valid YAML: {e}") from e
         return _parse(cfg, path.stem)
+    if text == "auto":
+        raise LayoutError(
+            "layout 'auto' is inferred from a model, not loaded: pass it to rotate()/prepare_model(), "
+            "or call spinlearn.layout_infer.infer_layout(model)"
+        )
     shipped = LAYOUT_DIR / f"{text}.yaml"
     if not shipped.is_file():
         raise LayoutError(
@@ -137,6 +173,7 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
     raw = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(raw, dict):
         raise LayoutError(f"layout {name!r} must be a mapping, got {type(raw).__name__}")
+    name = str(raw.get("name", name))
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise LayoutError(f"layout {name!r}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(_TOP_KEYS)}")
@@ -150,8 +187,10 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
         extra = set(spec) - {"dim", "mode", "per_layer"}
         if extra:
             raise LayoutError(f"layout {name!r}: rotation_matrices.{mname} has unknown key(s) {sorted(extra)}")
-        if isinstance(spec["dim"], bool | float) or (isinstance(spec["dim"], int) and not 0 < spec["dim"] <= MAX_DIM):
-            check_dim_value(spec["dim"] if isinstance(spec["dim"], int) else 0, _where(name, mname, spec["dim"]))
+        if isinstance(spec["dim"], bool | float):
+            raise LayoutError(f"{_where(name, mname, spec['dim'])} is not an integer; {_DIM_HINT}")
+        if isinstance(spec["dim"], int):
+            check_dim_value(spec["dim"], _where(name, mname, spec["dim"]))
         matrices[mname] = MatrixSpec(mname, spec["dim"], mode, spec.get("per_layer", False))
     rot_cfg: dict[str, tuple[str | None, str | None]] = {}
     for pattern, pair in (raw.get("rotation_config") or {}).items():
@@ -167,8 +206,9 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
                 )
         rot_cfg[pattern] = (pair[0], pair[1])
     nf = raw.get("norm_fuse_config") or {}
-    dec = [(str(n), [str(t) for t in (ts if isinstance(ts, list) else [ts])]) for n, ts in nf.get("decoder_layer_fuse", [])]
-    head = [(str(n), str(t)) for n, t in nf.get("lm_head_fuse", [])]
+    dec = [(str(n), [str(t) for t in (ts if isinstance(ts, list) else [ts])])
+           for n, ts in _norm_entries(name, nf, "decoder_layer_fuse")]
+    head = [(str(n), str(t)) for n, t in _norm_entries(name, nf, "lm_head_fuse")]
     return Layout(
         name=str(raw.get("name", name)),
         rotation_matrices=matrices,
@@ -178,6 +218,17 @@ def _parse(cfg: DictConfig, name: str) -> Layout:
         use_float64=bool(raw.get("use_float64", True)),
         ignore_norms=list(raw.get("ignore_norms") or []),
     )
+
+
+def _norm_entries(name: str, nf: dict, key: str) -> list:
+    entries = nf.get(key) or []
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise LayoutError(
+                f"layout {name!r}: norm_fuse_config.{key} entry {entry!r} must be [norm, readers] "
+                "(e.g. [input_layernorm, [self_attn.q_proj, self_attn.k_proj, self_attn.v_proj]])"
+            )
+    return entries
 
 
 # ---------------------------------------------------------------------------------------- dims from config
@@ -305,18 +356,9 @@ class Target:
 
 
 # Top-level children of a model that are not part of it: the training job's rotation bank hangs there.
-# TODO(lead): fakequant passes skip=(BANK_ATTR,) itself; then this default becomes () and the alias below goes.
-_LEGACY_SKIP = ("spinlearn_rotations",)
-
-
-def __getattr__(name: str):
-    if name == "BANK_ATTR":  # moved out of the layout layer; kept importable until its callers move
-        warnings.warn("spinlearn.layout.BANK_ATTR moved to spinlearn.fakequant", DeprecationWarning, stacklevel=2)
-        return _LEGACY_SKIP[0]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def addressable_targets(model: nn.Module, skip: Collection[str] = _LEGACY_SKIP) -> dict[str, Target]:
+# TODO(lead): once every caller that may run with the bank attached passes skip=(fakequant.BANK_ATTR,),
+# the default becomes () and this transitional name goes.
+def addressable_targets(model: nn.Module, skip: Collection[str] = ()) -> dict[str, Target]:
     """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters. ``skip`` names
     top-level child modules that are not part of the model (e.g. a training job's rotation matrices)."""
     targets: dict[str, Target] = {}
@@ -537,8 +579,11 @@ def check_layout_for_config(layout: str | Path | dict | Layout, config) -> Layou
         if m_in is not None and match_pattern(pattern, ["lm_head", "model.lm_head"]):
             _must_divide(lay, m_in, dims[m_in], "hidden_size", config, "the residual stream (lm_head's input)")
         if m_out is not None and any(_tail(g).endswith("v_proj") for g in _globs(pattern)):
-            _must_divide(lay, m_out, dims[m_out], "num_key_value_heads * head_dim", config, "v_proj's output")
+            _must_divide(lay, m_out, dims[m_out], _V_WIDTH, config, "v_proj's output")
     return lay
+
+
+_V_WIDTH = "num_key_value_heads * (head_dim or hidden_size // num_attention_heads)"
 
 
 def _must_divide(lay: Layout, matrix: str, dim: int, expr: str, config, what: str) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from .layout import Layout, LayoutError, LayoutNote, Target, addressable_targets, load_layout, note, resolve_dim
 
 PROBE_TOKENS = 8
+Record = tuple[list[torch.Tensor], torch.Tensor | None]  # a module's tensor inputs and its output
 _FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv", "c_attn")
 
 
@@ -55,9 +56,9 @@ def hidden_size(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def record_io(model: nn.Module, tokens: int = PROBE_TOKENS) -> dict[str, tuple[list[torch.Tensor], torch.Tensor | None]]:
+def record_io(model: nn.Module, tokens: int = PROBE_TOKENS) -> dict[str, Record]:
     """module name -> (floating-point tensor inputs, first tensor output) of its first call on a probe."""
-    records: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {}
+    records: dict[str, Record] = {}
 
     def hook(name):
         def fn(_mod, args, kwargs, output):
@@ -230,11 +231,10 @@ def norm_config(graph: ResidualGraph, module_names) -> tuple[dict, list[str]]:
     layer: dict[str, list[str]] = {}
     head: list[list[str]] = []
     for norm, readers in graph.norms.items():
-        glob = generalize(norm)
-        if glob == norm:
-            head.append([norm, "|".join(readers)])
+        glob, parent = generalize(norm), norm.rsplit(".", 1)[0] + "."
+        if glob == norm or not all(r.startswith(parent) for r in readers):
+            head.append([norm, "|".join(readers)])  # by full names (the final norm, or readers elsewhere)
             continue
-        parent = norm.rsplit(".", 1)[0] + "."
         rel = layer.setdefault(glob, [])
         rel += [r[len(parent):] for r in readers if r.startswith(parent) and r[len(parent):] not in rel]
     extra = {n for g in layer for n in module_names if fnmatch.fnmatchcase(n, g) and n not in graph.norms}
@@ -290,6 +290,8 @@ def complete_layout(model: nn.Module, layout: Layout) -> Layout:
         graph = trace_residual_graph(model)
     except Exception as e:  # an exotic forward: keep the layout as written
         note(f"layout {layout.name!r}: could not trace {type(model).__name__} ({e}); layout used as written")
+        return layout
+    if graph.unread_norms:  # post-sublayer norms: no layout is exact; check_unfused_norms refuses
         return layout
     rot_cfg = _missing_placements(layout, graph, placements, residual, addressable_targets(model))
     given = {n: sorted(t.name for t in ts) for n, ts in norm_readers(model, layout).items()}

@@ -19,6 +19,7 @@ from .layout import (
     Placement,
     load_layout,
     match_pattern,
+    notes_once,
     resolve_dims,
     resolve_placements,
 )
@@ -64,6 +65,11 @@ def prepare_model(model: nn.Module, layout: str | Layout) -> RotationPlan:
 
     ``layout="auto"`` infers the layout from the model; any other layout is completed with the residual
     readers/writers and norm readers it misses (each with a note; see ``layout_infer.complete_layout``)."""
+    with notes_once():
+        return _prepare(model, layout)
+
+
+def _prepare(model: nn.Module, layout: str | Layout) -> RotationPlan:
     layout = infer_layout(model) if layout == AUTO else complete_layout(model, load_layout(layout))
     dims = resolve_dims(layout, model.config)
     untied_probe = _tied(model)
@@ -128,7 +134,8 @@ def rotate(
     seed: int = 0,
     verify: bool = True,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Fold R1/R2 (as the layout places them) into ``model``'s weights, in place.
+    """Fold R1/R2 (as the layout places them) into ``model``'s weights, in place. ``layout`` is a shipped name,
+    a YAML path (ModelOpt's layouts work unchanged), a dict, a Layout, or ``"auto"`` (inferred from the model).
 
     Returns the model and the matrices applied (name -> float64 tensor). With ``verify`` the logits on a
     short random probe are compared before/after and a mismatch raises instead of returning a broken model.

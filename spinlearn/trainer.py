@@ -16,9 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
+from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .optim import CayleySGD
 from .quant import quantizers_disabled
@@ -165,10 +166,10 @@ class RotationTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_file({n: m.cpu().contiguous() for n, m in self.bank.matrices().items()},
+        save_safetensors({n: m.cpu().contiguous() for n, m in self.bank.matrices().items()},
                   os.path.join(output_dir, ROTATIONS_FILE))
         if self.bank.preserve_ones:  # the optimizer's variables are not the matrices: keep them exactly too
-            save_file({n: t.cpu().contiguous() for n, t in self.bank.parameter_tensors().items()},
+            save_safetensors({n: t.cpu().contiguous() for n, t in self.bank.parameter_tensors().items()},
                       os.path.join(output_dir, ROTATION_PARAMS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -184,7 +185,7 @@ class RotationTrainer(Trainer):
         if not self.args.should_save:
             return
         tensors, meta = _flatten_optimizer_state(self.optimizer.state_dict())
-        save_file(tensors, os.path.join(output_dir, OPTIMIZER_FILE), metadata=meta)
+        save_safetensors(tensors, os.path.join(output_dir, OPTIMIZER_FILE), metadata=meta)
         with open(os.path.join(output_dir, LOSS_STATE_FILE), "w") as f:
             json.dump({"loss_sum": self.loss_sum, "loss_count": self.loss_count}, f)
         sched = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}

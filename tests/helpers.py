@@ -140,3 +140,40 @@ class DumpRankRotations(TrainerCallback):
         self.directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu().contiguous() for k, v in bank.matrices().items()},
                   str(self.directory / f"rank{args.process_index}.safetensors"))
+
+
+class DumpShardInfo(TrainerCallback):
+    """Every rank writes DIR/shards{i}.json at the end of training: how many of the model's parameters were DTensors
+    at the start and how many elements it held locally vs in full (FSDP shards the frozen weights), and what the
+    first rotated weight's parametrization read inside a forward pass (FSDP must have all-gathered it by then)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.info: dict = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        self.info = {"params": len(params), "dtensors": len(sharded),
+                     "local_numel": sum(p.to_local().numel() for p in sharded),
+                     "full_numel": sum(p.numel() for p in sharded),
+                     "trainable_dtensors": sum(p.requires_grad for p in sharded)}
+        name, module = next((n, m) for n, m in model.named_modules() if ".layers.0." in n and hasattr(m, "parametrizations"))
+        stored = module.parametrizations.weight.original
+        self.info.update(probe=name, stored_type=type(stored).__name__, stored_shape=list(stored.shape),
+                         stored_local_shape=list(stored.to_local().shape if isinstance(stored, DTensor) else stored.shape))
+
+        def record(mod, _args):
+            seen = mod.parametrizations.weight.original
+            self.info.setdefault("seen_in_forward", [type(seen).__name__, list(seen.shape)])
+
+        self.hook = module.register_forward_pre_hook(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import json
+
+        self.hook.remove()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"shards{args.process_index}.json").write_text(json.dumps(self.info))

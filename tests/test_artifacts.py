@@ -169,10 +169,31 @@ def test_resume_errors_name_the_key_and_the_path(tmp_path):
                                          r"output_dir '.*'; set train.resume_from_checkpoint=null"):
         resolve_resume(recipe(tmp_path, "latest"))
     missing = tmp_path / "checkpoint-7"
-    with pytest.raises(ValueError, match=rf"train.resume_from_checkpoint: checkpoint '{missing}' does not exist"):
+    with pytest.raises(ValueError, match=rf"train.resume_from_checkpoint: checkpoint '{missing}' does not exist \(nor under output_dir\)"):
         resolve_resume(recipe(tmp_path, str(missing)))
     good = make_ckpt(tmp_path, 4)
     bad = make_ckpt(tmp_path, 6, complete=False)
     with pytest.raises(ValueError, match=rf"not a complete checkpoint \(no {OPTIMIZER_FILE}\).*'{good}'"):
         resolve_resume(recipe(tmp_path, str(bad)))
     assert resolve_resume(recipe(tmp_path, str(good))) == str(good)
+    assert resolve_resume(recipe(tmp_path, "checkpoint-4")) == str(good)  # relative to output_dir
+
+
+@pytest.mark.parametrize("case", ["file", "unwritable"])
+def test_train_refuses_a_bad_output_dir_before_any_work(case, tmp_path, capsys):
+    from spinlearn.cli import main
+
+    out = tmp_path / "out" if case == "file" else Path("/proc/spinlearn-out")
+    if case == "file":
+        out.write_text("a user's file")
+    demo = Path(__file__).resolve().parents[1] / "spinlearn" / "demo" / "model"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(OmegaConf.to_yaml(OmegaConf.create({
+        "model": {"path": str(demo)}, "data": {"train": str(tmp_path / "never-read.txt")},
+        "train": {"max_steps": 1, "report_to": ["none"]}, "output_dir": str(out),
+    })))
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"output_dir '{out}'" in err
+    assert ("is a file, not a directory" if case == "file" else "is not writable") in err

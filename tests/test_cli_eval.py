@@ -15,9 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from spinlearn.cli import main
-from spinlearn.hadamard import fast_hadamard_transform
 from helpers import TINY_WORDS, tiny_model, tiny_tokenizer
-from spinlearn.fakequant import ONLINE_KEY
 
 
 SEQ = 16
@@ -117,21 +115,22 @@ def test_learned_rotations(env, tmp_path):
     assert from_file["settings"]["rotations_folded"] is True
 
 
-def test_exported_model_with_online_r4(env, tmp_path):
-    """train_rotations.py layout: OUT/model (R4 folded into down_proj, recorded in config) + OUT/rotations."""
+def test_run_model_gets_the_online_hadamards_its_recipe_used(env, tmp_path):
+    """train_rotations.py layout: OUT/model (a plain float model) + OUT/rotations + OUT/recipe.yaml with R4 on:
+    the learned model is evaluated with the run's online R4, as training measured it."""
     root, model = env
     m = AutoModelForCausalLM.from_pretrained(model)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            w = layer.mlp.down_proj.weight
-            w.copy_(fast_hadamard_transform(w.double()).float())
-    setattr(m.config, ONLINE_KEY, {"r4": {"modules": "*mlp.down_proj"}})
     save_model(m, tmp_path / "out" / "model")
-    save_file({"r1": torch.eye(64)}, tmp_path / "out" / "rotations.safetensors")  # what the export writes beside it
+    save_file({"r1": torch.eye(64)}, tmp_path / "out" / "rotations.safetensors")  # what the run writes beside it
+    (tmp_path / "out" / "recipe.yaml").write_text("rotation: {r3: false, r4: true}\n")
     res = eval_json(root, tmp_path / "out" / "model", "--rotation", "learned")
-    assert res["ppl"] == pytest.approx(reference_ppl(model, root / "test.txt"), rel=1e-4)  # the online half is on
+    assert res["ppl"] == pytest.approx(reference_ppl(model, root / "test.txt"), rel=1e-4)  # exact in float
     assert res["settings"]["r4"] is True and res["settings"]["online_recorded"] == ["r4"]
     assert res["settings"]["rotations_file"].endswith("out/rotations.safetensors")
+    quantized = eval_json(root, tmp_path / "out" / "model", "--rotation", "learned", "--a-bits", "4")
+    with_r4 = eval_json(root, model, "--rotation", "none", "--r4", "--a-bits", "4")
+    plain = eval_json(root, model, "--rotation", "none", "--a-bits", "4")
+    assert quantized["ppl"] == pytest.approx(with_r4["ppl"], rel=1e-6) and quantized["ppl"] != plain["ppl"]
 
 
 def _corrupt_model(src: Path, dest: Path) -> Path:
@@ -145,16 +144,16 @@ def _corrupt_model(src: Path, dest: Path) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["short_data", "bits_low", "bits_high", "learned_plain", "corrupt_model", "missing_rotations",
+    ["short_data", "seqlen_beyond_context", "bits_low", "bits_high", "learned_plain", "corrupt_model", "missing_rotations",
      "garbage_rotations", "gptq_no_calib", "rotations_without_learned", "rotations_on_export"],
 )
 def test_user_errors(env, tmp_path, capsys, case):
     root, model = env
     data = root / "test.txt"
     args = ["--model", model, "--data", data, "--seqlen", SEQ]
-    n_tokens = len(tiny_tokenizer()(data.read_text())["input_ids"])
     expected = {
-        "short_data": (["--seqlen", 10_000], f"has {n_tokens} tokens"),
+        "seqlen_beyond_context": (["--seqlen", 10_000], "--seqlen=10000 is beyond the model's context "
+                                                        "(max_position_embeddings = 128)"),
         "bits_low": (["--w-bits", 1], "--w-bits=1 is out of range"),
         "bits_high": (["--kv-bits", 17], "--kv-bits=17 is out of range"),
         "learned_plain": (["--rotation", "learned"], "--rotation learned needs a model exported by train_rotations.py"),
@@ -164,7 +163,11 @@ def test_user_errors(env, tmp_path, capsys, case):
         "rotations_without_learned": (["--rotation", "hadamard", "--rotations", tmp_path / "r.safetensors"],
                                       "--rotations goes with --rotation learned"),
     }
-    if case == "corrupt_model":
+    if case == "short_data":  # fewer tokens than one window of SEQ
+        args[3] = tmp_path / "short.txt"
+        args[3].write_text("the cat sat on the mat\n")
+        extra, message = [], f"has {len(tiny_tokenizer()(args[3].read_text())['input_ids'])} tokens"
+    elif case == "corrupt_model":
         args[1] = _corrupt_model(model, tmp_path / "bad")
         extra, message = [], str(tmp_path / "bad" / "model.safetensors")
     elif case == "garbage_rotations":
@@ -182,7 +185,7 @@ def test_user_errors(env, tmp_path, capsys, case):
         extra, message = expected[case]
     capsys.readouterr()
     assert run(*args, *extra) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bar on a new file
     assert err.startswith("spinlearn eval: error:") and message in err, err
 
 

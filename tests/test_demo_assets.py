@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spinlearn.demo import SPLITS, demo_data_file, demo_model_dir
-from spinlearn.demo.eval import mean_nll, token_windows
+from spinlearn.data import eval_windows, tokenize_concat
+from spinlearn.evaluate import perplexity
 
 # Float perplexity of the shipped weights on the first 4 windows of 256 tokens of the test split. The bound leaves 10% for platform/BLAS differences.
 MEASURED_TEST_PPL_4x256 = 53.07  # CPU, fp32, torch 2.13, transformers 5.23
@@ -85,8 +86,8 @@ def test_unknown_split_is_refused():
 
 def test_float_perplexity_regression(model, tokenizer):
     text = demo_data_file("test").read_text(encoding="utf-8")
-    windows = token_windows(tokenizer, text, seqlen=256, max_windows=4)
-    nll = mean_nll(model, windows, batch_size=4)
+    windows = eval_windows(tokenize_concat([text], tokenizer), 256)[:4]
+    nll = math.log(perplexity(model, windows, batch_size=4, progress=False))
     # Reference: the same NLL from logits computed by a straightforward float64 log-softmax.
     with torch.no_grad():
         logits = model(input_ids=windows).logits.double()

@@ -104,7 +104,7 @@ def test_settings_float_rotation_invariance_and_quantizers(setup, monkeypatch):
     assert counts["act"] > 0 and counts["w"] > 0  # the quantizers of quant.py did the work
     s = w4a4["settings"]
     assert s["w"]["bits"] == 4 and s["a"]["bits"] == 4 and s["kv"]["bits"] == 4 and s["a"]["sym"] is False
-    expected = {"model", "dtype", "rotation", "layout", "w_method", "seed", "r3", "r4", "online_recorded",
+    expected = {"model", "dtype", "rotation", "layout", "w_method", "seed", "r3", "r4", "online", "online_recorded",
                 "w", "a", "kv", "lm_head", "eval_windows", "eval_seqlen", "batch_size"}
     assert expected <= set(s)
     assert (s["eval_windows"], s["eval_seqlen"]) == tuple(windows.shape)
@@ -151,10 +151,11 @@ def test_gptq_is_sequential_and_sees_online_r4(setup):
     quantized layers before it, taken after the online R4 hook (so x H, not x, for down_proj)."""
     _, calib, _ = setup
     model = fresh(setup)
-    from spinlearn.fakequant import fold_r4
+    from spinlearn.online import fold_online, online_linears
 
-    fold_r4(model)
-    hooks = wrap_model(model, quant=QuantSettings(), r4=True, r4_in_weights=False)
+    names = online_linears(model, r4=True)
+    fold_online(model, names)
+    hooks = wrap_model(model, quant=QuantSettings(), online=names, online_in_weights=False)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     spec = QuantSpec(bits=3)
     errors = gptq_quantize_model(model, calib, spec, progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import layout_for, tiny_model
+from helpers import FAMILIES, layout_for, tiny_model
 from spinlearn.fakequant import BANK_ATTR, wrap_model
 from spinlearn.quant import QuantSettings, QuantSpec, quantizers_disabled
 from spinlearn.rotation_plan import make_matrices, prepare_model
@@ -57,7 +57,7 @@ def _float_only_shapes(model) -> set[tuple[int, int]]:
     return shapes
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_quantized_linear_input_has_at_most_2_bits_values_per_token(family):
     model = tiny_model(family)
     handle = wrap_model(model, quant=A4)
@@ -112,9 +112,9 @@ def test_bare_expert_tensors_outside_a_transformers_experts_module_are_refused()
 
 
 # ------------------------------------------------------------------------------------------------ wrap / remove
-def _structure(model) -> list[tuple[str, str, tuple[str, ...]]]:
-    return [(n, type(m).__name__, tuple(sorted(m.__dict__.get("_forward_pre_hooks", {})))) +
-            (("forward" in m.__dict__),) for n, m in model.named_modules()]
+def _structure(model) -> list[tuple[str, str, int, bool]]:
+    """Every module: name, class, number of forward pre-hooks, whether its forward is an instance override."""
+    return [(n, type(m).__name__, len(m._forward_pre_hooks), "forward" in m.__dict__) for n, m in model.named_modules()]
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "opt"])

@@ -6,11 +6,11 @@ import torch
 import spinlearn
 from spinlearn.hadamard import fast_hadamard_transform, hadamard_matrix
 from spinlearn.rotation_plan import make_matrices, prepare_model
-from spinlearn.quant import QuantSpec, quantizers_disabled
-from spinlearn.rotations import RotationBank
+from spinlearn.quant import quantizers_disabled
 from helpers import layout_for, logits_in_model_dtype, tiny_model
 from spinlearn.trainer import make_optimizer
-from spinlearn.fakequant import wrap_model
+from spinlearn.fakequant import rotations_attached
+from spinlearn.online import online_linears
 from spinlearn.quant import QuantSettings
 
 pytestmark = [
@@ -48,12 +48,10 @@ def test_wrapped_training_steps_on_cuda(model_dtype):
     ids = torch.randint(3, 128, (2, 32), device="cuda")
     ref = logits_in_model_dtype(model, ids)
     plan = prepare_model(model, layout_for("llama"))
-    bank = RotationBank(make_matrices(plan, seed=0)).to("cuda")  # rotations stay float32
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.spinlearn_rotations = bank
-    q = QuantSettings(w=QuantSpec(4), a=QuantSpec(4, sym=False), kv=QuantSpec(4, sym=False))
-    wrap_model(model, plan=plan, bank=bank, quant=q, r3=True, r4=True)
+    q = QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)
+    attached = rotations_attached(model, plan, make_matrices(plan, seed=0), quant=q, r3=True,
+                                  online=online_linears(model, r4=True))
+    bank = attached.__enter__().bank  # rotations stay float32, on the model's device
     opt = make_optimizer("cayley_sgd", list(bank.parameters()), lr=1.5, momentum=0.9)
     losses = []
     for _ in range(10):

@@ -123,3 +123,16 @@ def test_train_refuses_a_bad_model_dir_before_the_tokenizer(case, model_dir, tmp
     pattern = r"config.json' is not valid JSON" if case == "bad_config" else r"truncated file '.*model.safetensors'"
     refused(capsys, ["train", "--config", recipe], pattern)
     assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_seqlen_beyond_the_context_before_loading_data(tmp_path, capsys):
+    demo = Path(__file__).resolve().parents[1] / "spinlearn" / "demo" / "model"  # max_position_embeddings 2048
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(OmegaConf.to_yaml(OmegaConf.create({
+        "model": {"path": str(demo)}, "data": {"train": str(tmp_path / "never-read.txt"), "seqlen": 256,
+                                               "eval_seqlen": 4096},
+        "train": {"max_steps": 1, "report_to": ["none"]}, "output_dir": str(tmp_path / "out"),
+    })))
+    refused(capsys, ["train", "--config", recipe],
+            r"data.eval_seqlen=4096 is beyond the model's context \(max_position_embeddings = 2048\)")
+    assert not (tmp_path / "out").exists()

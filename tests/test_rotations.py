@@ -199,3 +199,21 @@ def test_opt_float32_exact_after_cayley_steps_and_drifts_without_the_constraint(
     _, free = _trained_matrices(original, "opt", torch.float32, preserve=False, steps=3)
     assert ones_residual(free["r1"]) > 1e-3  # an unconstrained R1 leaves the all-ones direction...
     assert _fused_vs_original(original, "opt", free) > 1e-3  # ...and the fused float model changes
+
+
+def test_mean_preserving_bank_learns_a_procrustes_target_and_keeps_the_ones_vector():
+    """100 Cayley-SGD steps (lr 1.5, momentum 0.9, reorth every step) on ||R - T||^2 with T mean-preserving:
+    the optimizer moves Q only, so R reaches T while R 1 = 1 holds to rounding at every step."""
+    target = fix_ones_direction(random_orthogonal_matrix(16, _gen(16), dtype=torch.float64))
+    start = fix_ones_direction(random_orthogonal_matrix(16, _gen(17), dtype=torch.float64))
+    bank = RotationBank({"r1": start}, dtype=torch.float64, preserve_ones=("r1",))
+    opt = make_optimizer("cayley_sgd", list(bank.parameters()), lr=1.5, momentum=0.9)
+    first = ((bank.get("r1") - target) ** 2).sum().item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss = ((bank.get("r1") - target) ** 2).sum()
+        loss.backward()
+        opt.step()
+        assert ones_residual(bank.get("r1").detach()) <= 1e-12
+    assert loss.item() < 1e-3 * first
+    assert bank.max_orthogonality_error() <= 1e-12

@@ -16,7 +16,6 @@ from transformers import TrainingArguments
 
 from spinlearn.data import TokenBlockDataset
 from spinlearn.fusion import fold_rotations
-from spinlearn.layout import BANK_ATTR
 from spinlearn.optim import CayleySGD, max_orthogonality_error
 from spinlearn.rotation_plan import make_matrices, prepare_model
 from spinlearn.quant import QuantSpec, quantizers_disabled
@@ -27,9 +26,10 @@ from spinlearn.trainer import (
     RotationTrainer,
     _flatten_optimizer_state,
     _unflatten_optimizer_state,
+    kl_teacher_student,
     make_optimizer,
 )
-from spinlearn.fakequant import wrap_model
+from spinlearn.fakequant import BANK_ATTR, rotations_attached, wrap_model
 from spinlearn.quant import QuantSettings
 
 OUTLIER_CHANNELS = [5, 17, 40]
@@ -88,13 +88,12 @@ class Setup:
         return make_matrices(self.plan, mode="hadamard", seed=seed)
 
     def wrap(self, matrices: dict[str, torch.Tensor], quant: QuantSettings = W4A4KV4):
-        bank = RotationBank(matrices)
-        setattr(self.model, BANK_ATTR, bank)
-        return bank, wrap_model(self.model, plan=self.plan, bank=bank, quant=quant)
+        self._attached = rotations_attached(self.model, self.plan, matrices, quant=quant)
+        handle = self._attached.__enter__()
+        return handle.bank, handle
 
     def unwrap(self, handle) -> None:
-        handle.remove()
-        delattr(self.model, BANK_ATTR)
+        self._attached.__exit__(None, None, None)
 
     @torch.no_grad()
     def eval_kl(self) -> float:
@@ -185,16 +184,15 @@ def test_fused_float_logits_equal_wrapped_float_logits(setup, trained):
     the original float model (rotations are invariances of the float model)."""
     model = copy.deepcopy(setup.original)
     plan = prepare_model(model, LAYOUT)
-    bank = RotationBank(trained["learned"])
-    setattr(model, BANK_ATTR, bank)
-    handle = wrap_model(model, plan=plan, bank=bank, quant=W4A4KV4)
     ids = setup.eval_ids[:4]
     with torch.no_grad():
-        quantized = model(input_ids=ids).logits
-        with quantizers_disabled(model):
-            wrapped = model(input_ids=ids).logits
-        handle.remove()
-        delattr(model, BANK_ATTR)
+        with rotations_attached(model, plan, trained["learned"], quant=W4A4KV4) as handle:
+            assert all(not p.requires_grad for n, p in model.named_parameters() if BANK_ATTR not in n)
+            quantized = model(input_ids=ids).logits
+            with quantizers_disabled(model):
+                wrapped = model(input_ids=ids).logits
+            bank = handle.bank
+        assert not hasattr(model, BANK_ATTR)  # detached: the plain prepared model again
         fold_rotations(plan.placements, {k: v.double() for k, v in bank.matrices().items()}, True)
         fused = model(input_ids=ids).logits
         original = setup.original(input_ids=ids).logits
@@ -338,6 +336,8 @@ def test_checkpoint_of_a_mean_preserving_bank_resumes_bit_exactly(tmp_path):
     assert [tuple(p.shape) for g in opt.param_groups for p in g["params"]][0] == (63, 63)  # Q, not R1
     trainer.compute_loss(model, {"input_ids": ids, "labels": ids}).backward()
     opt.step()
+    trainer.finalize_rotations()  # polar step on Q: R1 stays mean-preserving and orthogonal
+    assert ones_residual(bank.get("r1").detach().double()) <= 1e-5 and bank.max_orthogonality_error() <= 1e-5
     ckpt = tmp_path / "checkpoint-1"
     trainer._save(str(ckpt))
     saved = load_file(ckpt / ROTATIONS_FILE)
@@ -355,3 +355,21 @@ def test_checkpoint_of_a_mean_preserving_bank_resumes_bit_exactly(tmp_path):
                 assert torch.equal(t, before[n]), n
             else:
                 torch.testing.assert_close(t, before[n], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- top-k KL
+@pytest.mark.parametrize("topk", [None, 5, 128, 1000])
+def test_kl_teacher_student_against_a_float64_reference(topk):
+    """KL(teacher || student) per token; with top-k, both distributions renormalised over the teacher's k most
+    likely tokens (k >= vocab: the full KL)."""
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 3, 128, generator=gen) * 3, torch.randn(2, 3, 128, generator=gen) * 3
+    t, s = teacher.double().reshape(-1, 128), student.double().reshape(-1, 128)
+    if topk is not None and topk < 128:
+        idx = t.argsort(-1, descending=True)[:, :topk]
+        t, s = t.gather(-1, idx), s.gather(-1, idx)
+    lt, ls = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    ref = (lt.exp() * (lt - ls)).sum(-1).mean().item()
+    assert kl_teacher_student(teacher, student, topk).item() == pytest.approx(ref, rel=1e-5)
+    if topk == 5:
+        assert ref != pytest.approx(kl_teacher_student(teacher, student, None).item(), rel=1e-2)

@@ -105,7 +105,7 @@ def export_model(model: nn.Module, scheme: str, output: str | Path, *, online: l
     return output
 
 
-def _resolve_source(path: str | Path):
+def resolve_source(path: str | Path):
     """(model dir, recipe or None, run dir or None) of a run directory or a plain model directory."""
     p = Path(path)
     if (p / MODEL_DIR / "config.json").is_file():
@@ -130,7 +130,7 @@ def export_run(run_dir: str | Path, scheme: str, output: str | Path, *, w_method
     from ..loading import load_causal_lm
     from ..online import online_linears
 
-    model_dir, recipe, run = _resolve_source(run_dir)
+    model_dir, recipe, run = resolve_source(run_dir)
     if w_method is None:
         w_method = (recipe.export.w_method or recipe.quant.w_method) if recipe is not None else "rtn"
     if group_size is None and recipe is not None:

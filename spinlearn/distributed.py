@@ -1,0 +1,153 @@
+"""FSDP2 for rotation training: the frozen weights sharded per decoder layer, the RotationBank replicated.
+
+Asked for by the accelerate config (``distributed_type: FSDP``, ``fsdp_version: 2``: ``accelerate launch`` sets
+``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2`` in every rank's environment), but applied by spinlearn, not by
+accelerate, for three reasons:
+
+* accelerate (1.15) enables FSDP only for accelerator devices: on CPU (gloo) its state is ``MULTI_CPU`` whatever
+  the config says, and the Trainer silently falls back to DDP. One code path on CPU and GPU keeps the CPU tests
+  meaningful for GPU runs.
+* accelerate's root ``fully_shard`` would shard the bank (it hangs on the model) together with the embeddings;
+  the rotations must stay whole and bit-identical on every rank.
+* the weights are frozen, so FSDP never reduce-scatters anything (gloo has no reduce_scatter): the only
+  collectives are the all-gathers before each unit's forward (and again in backward, ``reshard_after_forward``),
+  and the all-reduce of the bank's gradients.
+
+So the job claims the FSDP request before accelerate sees it (``claim_fsdp_request``), lets accelerate set up
+plain multi-process data parallelism, and shards the model itself once the rotations are attached
+(``shard_for_training``): ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, or
+``FSDP_TRANSFORMER_CLS_TO_WRAP``), then on the root, with the bank's parameters as ``ignored_params``. The Trainer
+is told the model is already sharded (transformers' ``is_distributed_loading_by_transformers`` path): it does not
+wrap it in DDP, broadcasts the replicated trainable parameters (the bank) from rank 0, and averages their
+gradients over ranks at the end of each accumulation window (``Trainer._sync_replicated_trainable_parameters``).
+
+The rotated weights are parametrizations that read ``parametrizations.weight.original`` inside each layer's
+forward, i.e. after FSDP has all-gathered it: they see the full frozen weight. After training the model is still
+sharded; the job loads and prepares the frozen model again (the weights never changed) for fusion and export.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+FSDP_ENV = "ACCELERATE_USE_FSDP"
+FSDP_VERSION_ENV = "FSDP_VERSION"
+LAYER_CLS_ENV = "FSDP_TRANSFORMER_CLS_TO_WRAP"
+RESHARD_ENV = "FSDP_RESHARD_AFTER_FORWARD"
+WRAP_POLICY_ENV = "FSDP_AUTO_WRAP_POLICY"
+# accelerate config settings spinlearn's sharding does not implement: refused rather than ignored.
+UNSUPPORTED_WHEN_TRUE = {
+    "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading",
+    "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing (set train.gradient_checkpointing: true instead)",
+}
+CLAIMED_ENV = "SPINLEARN_FSDP"  # set once the job has taken over the request (survives a second job in-process)
+
+
+def claim_fsdp_request() -> bool:
+    """True when the accelerate launch asked for FSDP. Takes the request away from accelerate (its env flag is set
+    to false) so that it sets up plain data parallelism and leaves the sharding to ``shard_for_training``. Call it
+    before ``TrainingArguments``/``Accelerator`` exist. Refuses FSDP1: FSDP2 is the one supported."""
+    if os.environ.get(CLAIMED_ENV) == "1":
+        return True
+    if os.environ.get(FSDP_ENV, "false").lower() != "true":
+        return False
+    version = os.environ.get(FSDP_VERSION_ENV, "1")
+    if version != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {version}; spinlearn supports fsdp_version: 2 "
+                         "(see accelerate_configs/8gpu_fsdp.yaml)")
+    refused = [name for env, name in UNSUPPORTED_WHEN_TRUE.items() if os.environ.get(env, "false").lower() == "true"]
+    policy = os.environ.get(WRAP_POLICY_ENV, "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        refused.append(f"fsdp_auto_wrap_policy {policy} (spinlearn shards by decoder layer: TRANSFORMER_BASED_WRAP)")
+    if refused:
+        raise ValueError(f"accelerate FSDP settings not supported by spinlearn's FSDP: {'; '.join(refused)} "
+                         "(see accelerate_configs/8gpu_fsdp.yaml)")
+    os.environ[FSDP_ENV] = "false"
+    os.environ[CLAIMED_ENV] = "1"
+    return True
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type]:
+    """The classes that get one FSDP unit each: ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated class names, from
+    the accelerate config's ``fsdp_transformer_layer_cls_to_wrap``) or the model's ``_no_split_modules``."""
+    names = os.environ.get(LAYER_CLS_ENV) or ",".join(getattr(model, "_no_split_modules", None) or [])
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    found = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    missing = wanted - {c.__name__ for c in found}
+    if not wanted or missing:
+        raise ValueError(f"FSDP: no decoder layer class to shard by (wanted {sorted(wanted) or 'none'}, not in the "
+                         f"model: {sorted(missing)}); set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return found
+
+
+def shard_model(model: nn.Module, replicated: list[nn.Parameter], device: torch.device,
+                reshard_after_forward: bool = True) -> int:
+    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, lm_head); ``replicated``
+    parameters are left whole on every rank. ``reshard_after_forward``: free each layer's gathered weights after
+    its forward and gather them again in backward (less memory, one more all-gather per layer). Returns the number
+    of decoder-layer units."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP needs a process group: launch with accelerate launch (see accelerate_configs/)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    ignored = set(replicated)
+    classes = tuple(decoder_layer_classes(model))
+    layers = [m for m in model.modules() if isinstance(m, classes)]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return len(layers)
+
+
+def shard_for_training(trainer, bank: nn.Module) -> int:
+    """Shard ``trainer.model`` (rotations attached, ``bank`` its only trainable parameters) and tell the Trainer
+    the model is already distributed: no DDP wrap; the bank broadcast from rank 0 and its gradients averaged
+    over ranks by the Trainer. Call after the Trainer is built and before ``train()``."""
+    if not hasattr(trainer, "_sync_replicated_trainable_parameters"):
+        import transformers
+
+        raise RuntimeError(f"FSDP needs a transformers Trainer that trains models sharded before it (transformers "
+                           f"{transformers.__version__} has no Trainer._sync_replicated_trainable_parameters); "
+                           "upgrade transformers or use DDP (accelerate_configs/8gpu_ddp.yaml)")
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    params = list(bank.parameters())
+    if {id(p) for p in trainable} != {id(p) for p in params}:
+        raise RuntimeError("FSDP: the rotation bank's parameters must be the model's only trainable ones")
+    reshard = os.environ.get(RESHARD_ENV, "true").lower() != "false"
+    units = shard_model(trainer.model, params, trainer.args.device, reshard_after_forward=reshard)
+    trainer.is_distributed_loading_by_transformers = True
+    return units
+
+
+def replicated_fingerprint(params) -> torch.Tensor:
+    """A position-weighted sum of the raw bits of ``params`` (int64): equal on two ranks iff (almost surely)
+    the tensors are bit-identical."""
+    total = torch.zeros((), dtype=torch.int64)
+    for p in params:
+        bits = p.detach().float().contiguous().view(torch.int32).reshape(-1).cpu().long()
+        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+        total = total + (bits * weights).sum()
+    return total
+
+
+def check_replicated(params, what: str = "rotations") -> None:
+    """Raise if ``params`` are not bit-identical on every rank (compares fingerprints, a few bytes per rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = replicated_fingerprint(params)
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.zeros((), dtype=torch.int64, device=backend_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine.to(backend_device))
+    values = [int(g) for g in gathered]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"the {what} differ across ranks after training (fingerprints {values}): the ranks "
+                           "drifted apart; the run cannot be exported")

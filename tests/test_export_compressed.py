@@ -1,0 +1,163 @@
+"""Exports decompressed by compressed-tensors' own code equal spinlearn's fake-quantized weights (integers exact),
+configs validate against its pydantic models, and W4A16 packs to <= 1/6 of float32."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny_model
+from spinlearn.export import export_model
+from spinlearn.export.schemes import resolve_scheme
+from spinlearn.fp4 import nvfp4_block_scales, nvfp4_global_scale, nvfp4_qdq, round_e2m1
+from spinlearn.online import fold_online, online_linears
+from spinlearn.quant import quantize_weight, weight_qparams
+
+DEMO = Path(__file__).resolve().parents[1] / "spinlearn" / "demo" / "model"
+
+
+def _decompress(out: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Every quantized module's weight decompressed by compressed-tensors' compressor, plus its raw tensors."""
+    import torch._dynamo
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate({k: v for k, v in cfg.items() if k != "transform_config"})
+    scheme = qc.config_groups["group_0"]
+    tensors = load_file(str(out / "model.safetensors"))
+    mods = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
+    res = {}
+    for m in mods:
+        local = {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + ".") and "." not in k[len(m) + 1:]}
+        with torch._dynamo.config.patch(disable=True):
+            dec = BaseCompressor.get_value_from_registry(qc.format).decompress(local, scheme)
+        res[m] = {"weight": dec["weight"], **{f"raw_{k}": v for k, v in local.items()}}
+    return cfg, res
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama")
+    return model, online_linears(model, None, True)
+
+
+def _folded(model, online):
+    ref = copy.deepcopy(model)
+    fold_online(ref, online)
+    return ref
+
+
+@pytest.mark.parametrize("scheme,group", [("w4a16", 8), ("w4a16", -1), ("w8a8", None)])
+def test_int_exports_decompress_to_spinlearn_rtn(tiny, tmp_path, scheme, group):
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.transform import TransformConfig
+
+    model, online = tiny
+    out = export_model(model, scheme, tmp_path / scheme, online=online, group_size=group, progress=False)
+    cfg, dec = _decompress(out)
+    QuantizationConfig.model_validate({k: v for k, v in cfg.items() if k != "transform_config"})
+    TransformConfig.model_validate(cfg["transform_config"])
+    spec = resolve_scheme(scheme, group).quant.w
+    ref = _folded(model, online)
+    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert sorted(dec) == sorted(linears) and cfg["ignore"] == ["lm_head"]
+    for name in linears:
+        w = ref.get_submodule(name).weight.detach()
+        expect = quantize_weight(w, spec)
+        assert torch.equal(dec[name]["weight"], expect), name
+        scale, _ = weight_qparams(w, spec)
+        assert torch.equal(dec[name]["raw_weight_scale"], scale), name  # the very scales spinlearn used
+        q = expect.reshape(scale.shape[0], scale.shape[1], -1) / scale.unsqueeze(-1)
+        assert (q - q.round()).abs().max() < 1e-4  # on spinlearn's grid
+        assert torch.equal(_stored_codes(dec[name], spec.bits, w.shape), q.round().reshape(w.shape).to(torch.int8))
+
+
+def _stored_codes(d: dict, bits: int, shape) -> torch.Tensor:
+    """The integers the checkpoint holds (int4 unpacked by compressed-tensors' own helper, or int8 as stored)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    if "raw_weight_packed" in d:
+        return unpack_from_int32(d["raw_weight_packed"], bits, torch.Size(shape)).to(torch.int8)
+    return d["raw_weight"]
+
+
+def test_nvfp4_export_decompresses_to_spinlearn_fp4(tmp_path):
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    model = tiny_model("llama", intermediate_size=192)  # NVFP4 blocks of 16: 344 = 172 * 2 would not do
+    online = online_linears(model, None, True)
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = export_model(model, "nvfp4", tmp_path / "nvfp4", online=online, calib_blocks=calib, progress=False)
+    cfg, dec = _decompress(out)
+    assert cfg["format"] == "nvfp4-pack-quantized"
+    ref = _folded(model, online)
+    for name, d in dec.items():
+        w = ref.get_submodule(name).weight.detach()
+        mine = nvfp4_qdq(w)
+        # compressed-tensors decompresses NVFP4 to bfloat16: the same values, rounded once to bf16
+        assert torch.equal(d["weight"], mine.to(d["weight"].dtype)), name
+        g = nvfp4_global_scale(w.abs().amax())
+        assert torch.equal(d["raw_weight_global_scale"], g)
+        eff = (nvfp4_block_scales(w, g) / g).repeat_interleave(16, dim=1)
+        codes = unpack_fp4_from_uint8(d["raw_weight_packed"], w.shape[0], w.shape[1], dtype=torch.float32)
+        assert torch.equal(codes, round_e2m1(mine / eff)), name  # E2M1 codes exactly spinlearn's
+        assert d["raw_weight_packed"].dtype == torch.uint8 and d["raw_weight_packed"].shape[1] == w.shape[1] // 2
+        assert d["raw_weight_scale"].dtype == torch.float8_e4m3fn
+        assert d["raw_input_global_scale"].item() > 0
+
+
+def test_gptq_export_holds_gptq_weights_and_its_scales(tiny, tmp_path):
+    from spinlearn.fakequant import wrap_model
+    from spinlearn.gptq import gptq_quantize_model
+
+    model, online = tiny
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    out = export_model(model, "w4a16", tmp_path / "gptq", online=online, group_size=-1, w_method="gptq",
+                       calib_blocks=calib, progress=False)
+    _, dec = _decompress(out)
+    ref = _folded(model, online)
+    hooks = wrap_model(ref, online=online, online_in_weights=False)
+    gptq_quantize_model(ref, calib, resolve_scheme("w4a16", -1).quant.w, skip=["lm_head"], progress=False)
+    hooks.remove()
+    for name, d in dec.items():
+        assert torch.equal(d["weight"], ref.get_submodule(name).weight.detach()), name
+
+
+def test_gptq_reports_the_grid_it_used():
+    from spinlearn.gptq import gptq_quantize_weight
+    from spinlearn.quant import QuantSpec
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    h = 2 * x.T @ x / 256
+    for spec, kw in [(QuantSpec(bits=4, group_size=16), {"act_order": True, "static_groups": True}),
+                     (QuantSpec(bits=4, group_size=16), {}), (QuantSpec(bits=3), {"act_order": True})]:
+        q, st = gptq_quantize_weight(w, h, spec, **kw)
+        s = st["scale"]
+        codes = q.reshape(16, s.shape[1], -1) / s.unsqueeze(-1)
+        assert (codes - codes.round()).abs().max() < 1e-4, (spec, kw)
+    _, st = gptq_quantize_weight(w, h, QuantSpec(bits=4, group_size=16), act_order=True)
+    assert st["scale"] is None  # act_order groups are not contiguous columns
+
+
+def test_demo_w4a16_packs_to_a_sixth(tmp_path):
+    from spinlearn.loading import load_causal_lm
+
+    model = load_causal_lm(DEMO)
+    out = export_model(model, "w4a16", tmp_path / "demo", progress=False)
+    tensors = load_file(str(out / "model.safetensors"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    packed = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[0] in linears)
+    dense = sum(m.weight.numel() * 4 for m in linears.values())
+    assert packed <= dense / 6, (packed, dense)
+    _, dec = _decompress(out)
+    spec = resolve_scheme("w4a16").quant.w
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.4.self_attn.q_proj"):
+        assert torch.equal(dec[name]["weight"], quantize_weight(model.get_submodule(name).weight.detach(), spec))

@@ -1,0 +1,98 @@
+"""Online transforms in exports: stored matrices, targets, and spinlearn's loader (decompress + transforms) against
+the fused model's logits; what plain transformers does with the same checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from spinlearn.export import export_model, load_export
+from spinlearn.export.schemes import check_scheme_name, resolve_scheme
+from spinlearn.export.transforms import stored_hadamard, target_patterns, transform_config
+from spinlearn.hadamard import hadamard_matrix
+from spinlearn.online import fold_online, online_linears
+from spinlearn.quant import QuantSettings
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama", initializer_range=0.1)
+    return model, online_linears(model, None, True), torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n", [64, 344, 192, 12 * 16])  # 2^m, 172*2, 12*16
+def test_stored_matrix_is_pm1_and_normalises_to_spinlearns(n):
+    v = stored_hadamard(n, torch.float32)
+    assert set(v.unique().tolist()) == {-1.0, 1.0}
+    assert torch.allclose(v.double() / math.sqrt(n), hadamard_matrix(n), atol=1e-12)
+
+
+def test_targets_name_exactly_the_online_layers():
+    names = [f"model.layers.{i}.{m}" for i in range(12) for m in ("mlp.down_proj", "mlp.up_proj", "self_attn.o_proj")]
+    down = [n for n in names if n.endswith("down_proj")]
+    assert target_patterns(down, names) == [r"re:^model\.layers\.\d+\.mlp\.down_proj$"]
+    some = down[:3]  # only some layers: the pattern would over-match, so the names themselves
+    assert target_patterns(some, names) == some
+    tc = transform_config(down, names).model_dump()
+    group = tc["config_groups"]["spinlearn_online"]
+    assert [a["location"] for a in group["apply"]] == ["input", "weight_input"] and group["apply"][1]["inverse"]
+
+
+def test_float_export_reproduces_fused_logits(tiny, tmp_path):
+    model, online, ids = tiny
+    out = export_model(model, "float", tmp_path / "f", online=online, progress=False)
+    loaded = load_export(out)
+    assert loaded.spinlearn_export["online"] == online
+    with torch.no_grad():
+        ref, got = model(ids).logits, loaded(ids).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_w8a8_export_computes_spinlearns_fake_quantized_model(tiny, tmp_path):
+    from spinlearn.fakequant import wrap_model
+
+    model, online, ids = tiny
+    out = export_model(model, "w8a8", tmp_path / "q", online=online, progress=False)
+    loaded = load_export(out)
+    ref = copy.deepcopy(model)
+    fold_online(ref, online)
+    hooks = wrap_model(ref, quant=QuantSettings(w=resolve_scheme("w8a8").quant.w), online=online,
+                       online_in_weights=False)
+    with torch.no_grad():
+        a, b = ref(ids).logits, loaded(ids).logits
+    hooks.remove()
+    assert (a - b).abs().max() / a.abs().max() < 1e-5
+
+
+def test_plain_transformers_ignores_the_transform(tiny, tmp_path):
+    """Documented behaviour (README, model card): from_pretrained loads it but computes another function."""
+    from transformers import AutoModelForCausalLM
+
+    model, online, ids = tiny
+    out = export_model(model, "w8a8", tmp_path / "p", online=online, progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    ours = load_export(out)
+    with torch.no_grad():
+        a, b, ref = plain(ids).logits, ours(ids).logits, model(ids).logits
+    assert (b - ref).abs().max() < 0.05 * ref.abs().max()  # ours: 8-bit weights, close to float
+    assert (a - ref).abs().max() > 5 * (b - ref).abs().max()  # plain: the transform is missing
+
+
+def test_scheme_refusals_name_what_vllm_serves():
+    for bad in ("w4a4", "W4A4KV4", "kv4", "int3"):
+        with pytest.raises(ValueError, match="vLLM serves w4a16 .*, w8a8 .*, nvfp4 .* or float"):
+            check_scheme_name(bad)
+    with pytest.raises(ValueError, match="does not apply to scheme 'w8a8'"):
+        resolve_scheme("w8a8", 64)
+    with pytest.raises(ValueError, match="-1 .per channel. or a positive group size"):
+        resolve_scheme("w4a16", 0)
+    s = resolve_scheme("w4a16")
+    assert (s.quant.w.bits, s.quant.w.group_size, s.quant.a.enabled) == (4, 128, False)
+    s = resolve_scheme("w8a8")
+    assert (s.quant.w.bits, s.quant.a.bits, s.quant.a.sym) == (8, 8, True)
+    assert json.loads(resolve_scheme("nvfp4").ct_scheme(["Linear"]).model_dump_json())["weights"]["group_size"] == 16

@@ -1,0 +1,158 @@
+"""FSDP2 rotation training (issue 9, item 1): two real ranks on CPU over gloo, accelerate_configs/cpu_2proc_fsdp.yaml.
+
+The frozen weights are sharded (one unit per decoder layer, plus the root), the RotationBank is replicated; the
+learned matrices must be bit-identical on both ranks and equal a one-process run with the same global batch, and
+the export must equal a one-process fold of the same matrices. See spinlearn/distributed.py for why spinlearn,
+not accelerate, applies ``fully_shard``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spinlearn import distributed
+from spinlearn.artifacts import ROTATIONS_FILE
+from test_train_launch import (  # noqa: F401  (assets is a fixture)
+    IDS,
+    ROOT,
+    _free_port,
+    assets,
+    original_logits,
+    overrides_for,
+    rel_err,
+    run_main,
+)
+
+STEPS = {"train.max_steps": 4, "train.save_steps": 2, "train.save_total_limit": "null"}
+BANK_PARAMS = 3  # r1 and one r2 per layer of the tiny Llama
+
+
+def launch_fsdp(assets, out: Path, dumps: Path, **extra) -> subprocess.CompletedProcess:
+    """tests/ddp_entry.py under accelerate launch with the 2-process CPU FSDP config, batch 1 per rank."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(out.parent), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu_2proc_fsdp.yaml"), "--main_process_port", str(_free_port()),
+        str(ROOT / "tests" / "ddp_entry.py"), str(assets["recipe"]), str(dumps),
+        *overrides_for(out, **STEPS, **{"train.per_device_train_batch_size": 1, "train.report_to": "[none]"}, **extra),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    proc = launch_fsdp(assets, root / "out", root / "ranks")
+    return {"root": root, "out": root / "out", "dumps": root / "ranks", "stdout": proc.stdout}
+
+
+def step_losses(out: Path) -> list[float]:
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def test_two_process_fsdp_shards_the_frozen_weights_and_keeps_the_rotations_replicated(fsdp_run):
+    assert "FSDP2: 2 decoder layers sharded over 2 ranks" in fsdp_run["stdout"]
+    shards = [json.loads((fsdp_run["dumps"] / f"shards{r}.json").read_text()) for r in (0, 1)]
+    for info in shards:
+        assert info["dtensors"] == info["params"] - BANK_PARAMS  # every frozen weight is sharded, the bank is not
+        assert info["trainable_dtensors"] == 0
+        assert 0 < info["local_numel"] < info["full_numel"]
+    assert shards[0]["local_numel"] + shards[1]["local_numel"] == shards[0]["full_numel"]  # each holds its half
+    # The rotated weights' parametrizations read the whole frozen weight inside the layer's forward (all-gathered).
+    probe = shards[0]
+    assert probe["stored_type"] == "DTensor" and probe["stored_local_shape"][0] * 2 == probe["stored_shape"][0]
+    assert probe["seen_in_forward"][0] != "DTensor" and probe["seen_in_forward"][1] == probe["stored_shape"]
+
+    rank0, rank1 = (load_file(fsdp_run["dumps"] / f"rank{r}.safetensors") for r in (0, 1))
+    assert set(rank0) == {"r1", "r2.model.layers.0", "r2.model.layers.1"}
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert json.loads((fsdp_run["out"] / "metrics.json").read_text())["steps"] == 4
+
+
+def test_fsdp_equals_one_process_with_the_same_global_batch_and_exports_its_fold(assets, fsdp_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.fusion import fold_rotations
+    from spinlearn.rotation_plan import prepare_model
+
+    single = tmp_path / "single"
+    assert run_main(assets, overrides_for(single, **STEPS, **{"train.per_device_train_batch_size": 2,
+                                                              "data.eval": "null"})) == 0
+    out = fsdp_run["out"]
+    assert step_losses(out) == pytest.approx(step_losses(single), rel=1e-4) and len(step_losses(out)) == 4
+    learned, reference = load_file(out / ROTATIONS_FILE), load_file(single / ROTATIONS_FILE)
+    diff = max((learned[k].double() - reference[k].double()).abs().max().item() for k in learned)
+    assert diff <= 1e-4, diff
+
+    # The export (written by rank 0) is the one-process fold of the same matrices into the original model...
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    plan = prepare_model(model, "transformer_universal")
+    fold_rotations(plan.placements, {k: v.double() for k, v in learned.items()}, plan.layout.use_float64)
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    expected = model.state_dict()
+    assert exported.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in exported.state_dict().items())
+    # ... and computes the original model's function (the online R3/R4 are identities in float).
+    with torch.no_grad():
+        assert rel_err(exported(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_resume_from_a_checkpoint_equals_the_uninterrupted_run(assets, fsdp_run):
+    resumed = fsdp_run["root"] / "resumed"
+    launch_fsdp(assets, resumed, fsdp_run["root"] / "resumed_ranks",
+                **{"train.resume_from_checkpoint": fsdp_run["out"] / "checkpoint-2"})
+    full, again = (load_file(d / "checkpoint-4" / ROTATIONS_FILE) for d in (fsdp_run["out"], resumed))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert step_losses(resumed)[-2:] == step_losses(fsdp_run["out"])[-2:]
+
+
+# ------------------------------------------------------------------------------------ without processes
+def test_the_fsdp_request_is_claimed_from_accelerate(monkeypatch):
+    for key in (distributed.FSDP_ENV, distributed.FSDP_VERSION_ENV, distributed.CLAIMED_ENV, distributed.WRAP_POLICY_ENV,
+                *distributed.UNSUPPORTED_WHEN_TRUE):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.claim_fsdp_request() is False  # a plain launch: nothing to claim
+    monkeypatch.setenv(distributed.FSDP_ENV, "true")
+    monkeypatch.setenv(distributed.FSDP_VERSION_ENV, "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        distributed.claim_fsdp_request()
+    monkeypatch.setenv(distributed.FSDP_VERSION_ENV, "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match="fsdp_offload_params"):  # refused, not silently ignored
+        distributed.claim_fsdp_request()
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    assert distributed.claim_fsdp_request() is True
+    assert os.environ[distributed.FSDP_ENV] == "false"  # accelerate sets up plain data parallelism
+    assert distributed.claim_fsdp_request() is True  # a second job in the same process still shards
+
+
+def test_decoder_layer_classes_come_from_the_model_or_the_config(monkeypatch):
+    from helpers import tiny_model
+
+    model = tiny_model("llama")
+    monkeypatch.delenv(distributed.LAYER_CLS_ENV, raising=False)
+    assert {c.__name__ for c in distributed.decoder_layer_classes(model)} == {"LlamaDecoderLayer"}
+    monkeypatch.setenv(distributed.LAYER_CLS_ENV, "LlamaDecoderLayer,NoSuchLayer")
+    with pytest.raises(ValueError, match="NoSuchLayer"):
+        distributed.decoder_layer_classes(model)
+
+
+def test_fingerprint_sees_a_single_flipped_bit():
+    a = [torch.randn(16, 16), torch.randn(4, 4)]
+    b = [t.clone() for t in a]
+    assert distributed.replicated_fingerprint(a) == distributed.replicated_fingerprint(b)
+    b[1].view(torch.int32)[2, 3] ^= 1
+    assert distributed.replicated_fingerprint(a) != distributed.replicated_fingerprint(b)
