@@ -3,6 +3,7 @@
     python launch/bench_train.py                        # ~20M Llama, seqlen 512 and 2048, batch 1, 1 thread
     python launch/bench_train.py --seqlens 512 --profile  # also: where the rotation step spends its time
     python launch/bench_train.py --checkpointing          # rotation step with / without gradient checkpointing
+    python launch/bench_train.py --distributed --seqlens 512  # RotationTrainer steps, 2 CPU ranks: DDP vs FSDP
 
 The model is a ~20M-parameter Llama built from a config (hidden 256, 4 layers, 8 heads / 2 KV heads, MLP 1024,
 vocab 32000, untied lm_head), random weights, batch 1. Each measurement runs in its own child process (model
@@ -23,6 +24,14 @@ Target (issue): rotation step <= 1.5x the float fwd+bwd in time and in peak memo
 --checkpointing measures only the rotation step, without and with non-reentrant gradient checkpointing of every
 decoder layer (``train.gradient_checkpointing: true``): the layers' activations and rotated weights are recomputed
 in the backward pass instead of being kept, trading time for peak memory.
+
+--distributed runs RotationTrainer (the job's trainer, same rotation step) on 2 CPU ranks over gloo, once with
+accelerate_configs/cpu_2proc.yaml (DDP: every rank holds every weight) and once with cpu_2proc_fsdp.yaml (FSDP2:
+each rank holds half of the frozen weights, one unit per decoder layer gathered for its forward and backward).
+Per rank: seconds per step, RSS once the model is ready (after sharding), the largest RSS at a step's end, and
+VmHWM (which includes loading the whole model, done by every rank in both modes). The children run with
+MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would otherwise keep them in its heap).
+--layers N changes the model's depth in every mode.
 """
 
 from __future__ import annotations
@@ -48,12 +57,12 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def build_model():
+def build_model(layers: int | None = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**MODEL)).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**MODEL, "num_hidden_layers": layers or MODEL["num_hidden_layers"]})).eval()
 
 
 def make_step(mode: str, model, ids, r3: bool, r4: bool):
@@ -102,7 +111,7 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    model = build_model()
+    model = build_model(spec.get("layers"))
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, MODEL["vocab_size"], (1, spec["seqlen"]), generator=torch.Generator().manual_seed(0))
     step = make_step(spec["mode"], model, ids, spec["r3"], spec["r4"])
@@ -133,7 +142,8 @@ def profile_step(step, rows: int = 18) -> str:
 
 def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
-                r4=not args.no_r4, profile=args.profile and mode == "rotation", checkpointing=checkpointing)
+                r4=not args.no_r4, profile=args.profile and mode == "rotation", checkpointing=checkpointing,
+                layers=args.layers)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
@@ -165,6 +175,100 @@ def checkpointing_table(args) -> int:
     return 0
 
 
+DIST_CONFIGS = {"DDP": "cpu_2proc.yaml", "FSDP": "cpu_2proc_fsdp.yaml"}
+
+
+def dist_child(spec: dict) -> dict:
+    """One rank under accelerate launch: RotationTrainer for repeats + 1 steps (the first is the warm-up)."""
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+    from spinlearn.data import TokenBlockDataset
+    from spinlearn.distributed import claim_fsdp_request, shard_for_training
+    from spinlearn.fakequant import check_online_hadamards, rotations_attached
+    from spinlearn.quant import QuantSettings
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+    from spinlearn.trainer import RotationTrainer
+
+    class StepProbe(TrainerCallback):
+        def __init__(self):
+            self.times, self.rss = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+            self.rss.append(_status_mb("VmRSS"))
+
+    torch.set_num_threads(spec["threads"])
+    fsdp = claim_fsdp_request()
+    args = TrainingArguments(output_dir=spec["out"], max_steps=spec["repeats"] + 1, per_device_train_batch_size=1,
+                             learning_rate=1.5, save_strategy="no", logging_strategy="no", report_to=[],
+                             use_cpu=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
+                             disable_tqdm=True)
+    model = build_model(spec.get("layers"))
+    plan = prepare_model(model, "transformer_universal")
+    online = check_online_hadamards(model, r3=spec["r3"], r4=spec["r4"])
+    blocks = torch.randint(0, MODEL["vocab_size"], (2 * (spec["repeats"] + 1), spec["seqlen"]),
+                           generator=torch.Generator().manual_seed(0))
+    probe = StepProbe()
+    with rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0),
+                            quant=QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4), r3=spec["r3"],
+                            online=online) as handle:
+        trainer = RotationTrainer(model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=handle.bank,
+                                  callbacks=[probe])
+        if fsdp:
+            shard_for_training(trainer, handle.bank)
+        ready = _status_mb("VmRSS")
+        trainer.train()
+    result = {"rank": args.process_index, "median_s": statistics.median(probe.times[1:]), "ready_mb": ready,
+              "step_rss_mb": max(probe.rss), "peak_mb": _status_mb("VmHWM")}
+    Path(spec["out"], f"rank{args.process_index}.json").write_text(json.dumps(result))
+    return result
+
+
+def distributed_table(args) -> int:
+    """DDP vs FSDP on 2 CPU ranks, per seqlen: seconds per step and memory per rank."""
+    import socket
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=str(root), WANDB_MODE="disabled")
+    rows = []
+    for seqlen in args.seqlens:
+        for name, config in DIST_CONFIGS.items():
+            with socket.socket() as sock:  # a free port, released before the launch binds it
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            with tempfile.TemporaryDirectory() as out:
+                spec = dict(seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
+                            r4=not args.no_r4, layers=args.layers, out=out)
+                cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(root / "accelerate_configs" / config), "--main_process_port", str(port), __file__,
+                       "--dist-child", json.dumps(spec)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name} at seqlen {seqlen} failed:\n{proc.stderr[-4000:]}")
+                ranks = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
+            rows.append((seqlen, name, ranks))
+            print(f"# {name} seqlen {seqlen}: {ranks}", flush=True)
+    layers = args.layers or MODEL["num_hidden_layers"]
+    print(f"\nLlama (hidden 256, {layers} layers, vocab 32000), 2 CPU ranks over gloo, batch 1 per rank, "
+          f"{args.threads} thread(s) each, median of {args.repeats} steps (after one warm-up); memory per rank, max "
+          "over the ranks.\n")
+    print("| seqlen | strategy | s / step | RSS model ready | RSS at step end | peak RSS (incl. loading) |")
+    print("|---|---|---|---|---|---|")
+    for seqlen, name, ranks in rows:
+        top = {k: max(r[k] for r in ranks) for k in ("median_s", "ready_mb", "step_rss_mb", "peak_mb")}
+        print(f"| {seqlen} | {name} | {top['median_s']:.3f} | {top['ready_mb']:.0f} MiB | {top['step_rss_mb']:.0f} MiB "
+              f"| {top['peak_mb']:.0f} MiB |")
+    if args.json:
+        args.json.write_text(json.dumps({f"{n}@{s}": r for s, n, r in rows}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
@@ -175,12 +279,21 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="print the rotation step's top ops (torch.profiler)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="only the rotation step, without and with gradient checkpointing (peak RSS, time)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="RotationTrainer on 2 CPU ranks, DDP vs FSDP (seconds per step, RSS per rank)")
+    parser.add_argument("--layers", type=int, help=f"decoder layers (default {MODEL['num_hidden_layers']})")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dist-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.dist_child:
+        dist_child(json.loads(args.dist_child))
+        return 0
+    if args.distributed:
+        return distributed_table(args)
     if args.checkpointing:
         return checkpointing_table(args)
 

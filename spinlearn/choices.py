@@ -23,6 +23,8 @@ QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
 EXPORT_SCHEMES = ("w4a16", "w8a8", "nvfp4", "float")
 # Optimizers for the rotations.
 ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
+# How learned per-channel scales start (recipe ``rotation.scales_init``): all ones, or SmoothQuant's alpha rule.
+SCALES_INITS = ("ones", "smoothquant")
 # Rotation settings `spinlearn eval` can evaluate.
 EVAL_ROTATIONS = ("none", "hadamard", "learned")
 

@@ -40,6 +40,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .choices import BITS_RANGE, EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
+from .choices import SCALES_INITS
 
 __all__ = [
     "RecipeError",
@@ -125,6 +126,8 @@ class QuantConfig:
     w_clip: bool = False  # MSE clip search for weights
     a_sym: bool = False
     a_clip: float = 1.0  # clip ratio for activations
+    learn_a_clip: bool = False  # learn one clip ratio per linear input (sigmoid; starts at a_clip, or 0.99 when 1)
+    a_clip_lr: float = 0.01  # Adam learning rate of the clip logits (learn_a_clip)
     a_groupsize: int = -1  # -1 = per token
     kv_sym: bool = False
     kv_groupsize: int = -1  # -1 = per head
@@ -144,6 +147,10 @@ class RotationConfig:
     online: Optional[list[str]] = None
     optimizer: str = "cayley_sgd"  # cayley_sgd | riemannian_sgd | riemannian_adam
     momentum: float = 0.0  # for cayley_sgd / riemannian_sgd (SpinQuant uses none)
+    learn_scales: bool = False  # learn fusible per-channel scales with the rotations (spinlearn.scales), folded
+    scales_init: str = "ones"  # ones | smoothquant (s = max|X|^alpha / max|W|^(1-alpha), rotated basis)
+    scales_alpha: float = 0.5  # SmoothQuant's alpha
+    scales_lr: float = 0.01  # Adam learning rate of the log-scales
     seed: int = 0
 
 
@@ -539,6 +546,10 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     for key in ("quant.w_groupsize", "quant.a_groupsize", "quant.kv_groupsize"):
         groupsize(key)
     need(0 < q.a_clip <= 1, "quant.a_clip", "clip ratio must be in (0, 1]")
+    positive("quant.a_clip_lr")
+    if q.learn_a_clip:
+        need(q.format == "int" and q.a_bits < 16, "quant.learn_a_clip",
+             "needs quantized activations (a_bits < 16) in the int format")
     positive("quant.gptq.nsamples")
     positive("quant.gptq.block_size")
     need(0 <= q.gptq.percdamp < 1, "quant.gptq.percdamp", "must be in [0, 1) (fraction of mean diagonal)")
@@ -549,6 +560,9 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     need(is_path or layout in shipped or layout == "auto", "rotation.layout",
          f"must be a shipped layout ({' | '.join(shipped)}), a path to a layout .yaml, or auto")  # fmt: skip
     need(0 <= r.momentum < 1, "rotation.momentum", "must be in [0, 1)")
+    one_of("rotation.scales_init", SCALES_INITS)
+    need(0 <= r.scales_alpha <= 1, "rotation.scales_alpha", "must be in [0, 1]")
+    positive("rotation.scales_lr")
 
     need(cfg.loss.kl_weight >= 0, "loss.kl_weight", "must be >= 0")
     need(cfg.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")

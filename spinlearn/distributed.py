@@ -100,10 +100,23 @@ def shard_model(model: nn.Module, replicated: list[nn.Parameter], device: torch.
     ignored = set(replicated)
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if isinstance(m, classes)]
+    whole = [p for p in model.parameters() if p not in ignored]
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    _free_replaced(whole, model)
     return len(layers)
+
+
+def _free_replaced(whole: list[nn.Parameter], model: nn.Module) -> None:
+    """Release the storage of the full weights ``fully_shard`` replaced by shards. Other holders of the old
+    parameter objects (the rotation plan's targets, ``rotations_attached``'s requires_grad bookkeeping) would
+    otherwise keep every full weight alive on every rank; they only need the objects, not the values."""
+    live = {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        for p in whole:
+            if id(p) not in live:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 def shard_for_training(trainer, bank: nn.Module) -> int:

@@ -289,6 +289,43 @@ def evaluate_setting(
     A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.
     """
     quant = quant or QuantSettings()
+    _check_setting(rotation, w_method, rotations_file, calib_blocks)
+    source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
+    model, path = _load(model_path_or_model, dtype)
+    model.eval()
+    settings: dict = {"model": str(path) if path is not None else type(model).__name__,
+                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                      "rotation": rotation, "layout": layout, "w_method": w_method}
+    _apply_rotation(model, rotation, source, layout, seed, settings)
+    recorded = run_online_settings(path) if source is not None and source[0] == "exported" and path else {}
+    use_r3 = bool(r3) or recorded.get("r3", False)
+    use_r4 = bool(r4) or recorded.get("r4", False)
+    names = online_linears(model, [*(online or []), *recorded.get("online", [])], use_r4)
+    fold_online(model, names)  # the weight half; the online half is installed with the quantizers
+    settings.update(r3=use_r3, r4=use_r4, online=len(names), online_recorded=sorted(k for k, v in recorded.items() if v))
+    eval_quant = quant
+    if w_method == "gptq":
+        eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
+                                   progress=progress, settings=settings)
+    handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
+    zero = None
+    try:
+        ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
+        if tasks:
+            zero = zero_shot(model, tokenizer or _tokenizer_for(path), tasks, batch_size=batch_size, limit=task_limit)
+    finally:
+        handle.remove()
+    settings.update(
+        w=_spec_dict(quant.w), a=_spec_dict(quant.a), kv=_spec_dict(quant.kv), lm_head=_spec_dict(quant.lm_head),
+        eval_windows=int(windows.shape[0]), eval_seqlen=int(windows.shape[1]), batch_size=batch_size,
+    )
+    result = {"ppl": ppl, "settings": settings}
+    if zero is not None:
+        result["zero_shot"] = zero
+    return result
+
+
+def _check_setting(rotation: str, w_method: str, rotations_file, calib_blocks) -> None:
     if rotation not in ROTATIONS:
         raise ValueError(f"rotation={rotation!r}: use one of {', '.join(ROTATIONS)}")
     if w_method not in W_METHODS:
@@ -299,16 +336,10 @@ def evaluate_setting(
         raise ValueError(
             "GPTQ needs calibration data: pass calib_blocks (CLI: --calib-data FILE), or use --w-method rtn"
         )
-    source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
 
-    model, path = _load(model_path_or_model, dtype)
-    model.eval()
-    where = str(path) if path is not None else type(model).__name__
-    recorded = run_online_settings(path) if source is not None and source[0] == "exported" and path else {}
-    settings: dict = {"model": where, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                      "rotation": rotation, "layout": layout, "w_method": w_method}
 
-    # --- rotation ----------------------------------------------------------------------------------------
+def _apply_rotation(model: nn.Module, rotation: str, source, layout: str, seed: int, settings: dict) -> None:
+    """Fold the setting's R1/R2: random Hadamard, a rotations file, or nothing (an export already holds them)."""
     if rotation == "hadamard":
         from .rotation_plan import rotate
 
@@ -322,48 +353,27 @@ def evaluate_setting(
         settings["rotations_file"] = str(source[1]) if source[1] else None
         settings["rotations_folded"] = False  # the export already holds them
 
-    # --- online Hadamards (the run's recorded ones plus those asked for): weight half folded here ---------
-    use_r3 = bool(r3) or recorded.get("r3", False)
-    use_r4 = bool(r4) or recorded.get("r4", False)
-    names = online_linears(model, [*(online or []), *recorded.get("online", [])], use_r4)
-    fold_online(model, names)
-    settings.update(r3=use_r3, r4=use_r4, online=len(names), online_recorded=sorted(k for k, v in recorded.items() if v))
 
-    # --- weights: GPTQ on the rotated float model (online R4 hook installed, activations float) -------------
-    if w_method == "gptq":
-        from .gptq import gptq_quantize_model
+def _gptq_weights(model: nn.Module, quant: QuantSettings, calib_blocks, gptq_kwargs, *, r3: bool, online,
+                  progress: bool, settings: dict) -> QuantSettings:
+    """GPTQ on the rotated float model (online Hadamards installed, activations float); returns the settings to
+    evaluate with: weights left as GPTQ made them, activations/KV as ``quant``."""
+    from .gptq import gptq_quantize_model
 
-        kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
-        hooks = wrap_model(model, quant=QuantSettings(), r3=use_r3, online=names, online_in_weights=False)
-        try:
-            errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
-        finally:
-            hooks.remove()
-        settings["gptq"] = {**kw, "nsamples": int(calib_blocks.shape[0]), "seqlen": int(calib_blocks.shape[1]),
-                            "layers_quantized": len(errors), "rtn_fallback": _rtn_bare_weights(model, quant.w)}
-        eval_quant = QuantSettings(w=QuantSpec(bits=16), a=quant.a, kv=quant.kv, lm_head=quant.lm_head)
-    else:
-        eval_quant = quant
-
-    handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
-    zero = None
+    kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
+    hooks = wrap_model(model, quant=QuantSettings(), r3=r3, online=online, online_in_weights=False)
     try:
-        ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
-        if tasks:
-            if tokenizer is None and path is None:
-                raise ValueError("zero-shot tasks need a tokenizer (pass tokenizer= with a model object)")
-            if tokenizer is None:
-                from .loading import load_tokenizer
-
-                tokenizer = load_tokenizer(path)
-            zero = zero_shot(model, tokenizer, tasks, batch_size=batch_size, limit=task_limit)
+        errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
     finally:
-        handle.remove()
-    settings.update(
-        w=_spec_dict(quant.w), a=_spec_dict(quant.a), kv=_spec_dict(quant.kv), lm_head=_spec_dict(quant.lm_head),
-        eval_windows=int(windows.shape[0]), eval_seqlen=int(windows.shape[1]), batch_size=batch_size,
-    )
-    result = {"ppl": ppl, "settings": settings}
-    if zero is not None:
-        result["zero_shot"] = zero
-    return result
+        hooks.remove()
+    settings["gptq"] = {**kw, "nsamples": int(calib_blocks.shape[0]), "seqlen": int(calib_blocks.shape[1]),
+                        "layers_quantized": len(errors), "rtn_fallback": _rtn_bare_weights(model, quant.w)}
+    return QuantSettings(w=QuantSpec(bits=16), a=quant.a, kv=quant.kv, lm_head=quant.lm_head)
+
+
+def _tokenizer_for(path):
+    if path is None:
+        raise ValueError("zero-shot tasks need a tokenizer (pass tokenizer= with a model object)")
+    from .loading import load_tokenizer
+
+    return load_tokenizer(path)

@@ -24,6 +24,7 @@ from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
 from .quant import ActQuantizer, QuantSettings, QuantSpec, quantize_weight
 from .rotations import RotationBank, rotate_axis
+from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
 ATTN_NAME = "spinlearn_sdpa"
 QUANT_SKIP = ROUTER_GLOBS  # MoE routers stay in float (tiny, and they pick experts)
@@ -31,11 +32,15 @@ BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a
 
 
 class RotateQuantWeight(nn.Module):
-    """Parametrization: frozen W -> quant(R_out^T W R_in [H_online]) computed from the live bank."""
+    """Parametrization: frozen W -> quant(S_out^-1 R_out^T W R_in S_in [H_online]) computed from the live banks
+    (S: the diagonal learned scales of a ``ScaleBank``, when given: ``in_scale`` / ``out_scale`` keys)."""
 
-    def __init__(self, bank, in_inst, out_inst, in_axis, out_axis, wspec: QuantSpec | None, online_in: bool):
+    def __init__(self, bank, in_inst, out_inst, in_axis, out_axis, wspec: QuantSpec | None, online_in: bool,
+                 scales: ScaleBank | None = None, in_scale: str | None = None, out_scale: str | None = None):
         super().__init__()
         self.__dict__["bank"] = bank  # not a submodule: the bank is registered once, on the model
+        self.__dict__["scales"] = scales  # likewise
+        self.in_scale, self.out_scale = in_scale, out_scale
         self.in_inst, self.out_inst = in_inst, out_inst
         self.in_axis, self.out_axis = in_axis, out_axis
         self.wspec = wspec
@@ -48,6 +53,8 @@ class RotateQuantWeight(nn.Module):
             x = rotate_axis(x, self.bank.get(self.in_inst).to(x.dtype), self.in_axis)
         if self.out_inst is not None:
             x = rotate_axis(x, self.bank.get(self.out_inst).to(x.dtype), self.out_axis)
+        if self.in_scale is not None or self.out_scale is not None:
+            x = self.scales.apply(x, self.in_scale, self.in_axis, self.out_scale, self.out_axis)
         if self.online_in:
             x = fast_hadamard_transform(x)  # W <- W H: the input is transformed by H online
         if self.quant_enabled and self.wspec is not None and self.wspec.enabled and x.ndim >= 2:
@@ -168,7 +175,8 @@ def _check_expert_inputs(model: nn.Module, targets: dict) -> None:
             _experts_quantizer_attr(model.get_submodule(name.rsplit(".", 1)[0]), name)
 
 
-def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: FakeQuantHooks) -> None:
+def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: FakeQuantHooks,
+                       learn_clip: bool = False) -> None:
     """Fake-quantize the input of target ``t``: a forward pre-hook on a Linear-like module; for a bare expert
     tensor, a quantizer in ``quantized_experts_forward``, installed as the experts module's forward."""
     if t.module is not None:
@@ -178,7 +186,7 @@ def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: 
         attr = _experts_quantizer_attr(mod, name)
     if hasattr(mod, attr):
         return
-    setattr(mod, attr, ActQuantizer(spec))
+    setattr(mod, attr, ActQuantizer(spec, learn_clip=learn_clip))
     handle._attr_added.append((mod, attr))
     if t.module is not None:
         handle._hooks.append(mod.register_forward_pre_hook(_act_quant_hook, with_kwargs=True))
@@ -221,6 +229,20 @@ def _owner_and_param(model: nn.Module, target) -> tuple[nn.Module, str]:
     return model.get_submodule(owner_name), pname
 
 
+def _scale_sides(scales: ScaleBank | None) -> tuple[dict[str, str], dict[str, str]]:
+    """target name -> scale key, for the input side (readers) and the output side (writers: v_proj, up_proj)."""
+    s_in: dict[str, str] = {}
+    s_out: dict[str, str] = {}
+    for p in scales.pairs if scales is not None else ():
+        for r in p.readers:
+            if r in s_in:
+                raise ValueError(f"{r!r} reads two scale pairs ({s_in[r]!r}, {p.key!r})")
+            s_in[r] = p.key
+        if p.kind != "norm":
+            s_out[p.source] = p.key
+    return s_in, s_out
+
+
 def wrap_model(
     model: nn.Module,
     *,
@@ -230,16 +252,22 @@ def wrap_model(
     r3: bool = False,
     online: Sequence[str] = (),
     online_in_weights: bool = True,
+    scales: ScaleBank | None = None,
+    learn_a_clip: bool = False,
 ) -> FakeQuantHooks:
     """Install rotations (plan + bank), online Hadamards (R3 on Q/K; input Hadamards on the linears named in
     ``online``, see ``online.online_linears``) and fake quantizers on ``model``.
 
     With no plan/bank only quantizers (and online Hadamards) are installed: the baseline evaluations use that.
     ``online_in_weights=False`` is for models whose weights already hold the folded ``W H``
-    (``online.fold_online``): only the online half ``x -> x H`` is installed."""
+    (``online.fold_online``): only the online half ``x -> x H`` is installed. ``scales`` (a ``ScaleBank`` hung on
+    the model beside the bank) adds the learned per-channel scales: norm outputs / s (forward hooks), writers'
+    output rows / s and readers' input columns * s in the parametrizations (see ``spinlearn.scales``).
+    ``learn_a_clip``: every linear input's quantizer gets a learnable clip ratio (``ActQuantizer(learn_clip=True)``;
+    see ``activation_clip_table`` / ``set_activation_clips``)."""
     quant = quant or QuantSettings()
     handle = FakeQuantHooks(model)
-    targets = addressable_targets(model, skip=(BANK_ATTR,))
+    targets = addressable_targets(model, skip=(BANK_ATTR, SCALES_ATTR))
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     # Which matrix instance each tensor reads / writes.
@@ -249,6 +277,7 @@ def wrap_model(
             entry = sides.setdefault(id(p.target.weight), {"target": p.target, "input": None, "output": None})
             entry[p.side] = p.instance
     online_names = set(online)
+    scale_in, scale_out = _scale_sides(scales)
     if quant.a.enabled:
         _check_expert_inputs(model, targets)  # refuse before anything is installed
 
@@ -259,23 +288,25 @@ def wrap_model(
         entry = sides.get(id(t.weight))
         online_w = name in online_names and online_in_weights
         rotates = entry is not None and (entry["input"] or entry["output"])
-        if rotates or online_w or (wspec is not None and wspec.enabled):
+        s_in, s_out = scale_in.get(name), scale_out.get(name)
+        if rotates or online_w or (wspec is not None and wspec.enabled) or s_in or s_out:
             owner, pname = _owner_and_param(model, t)
             par = RotateQuantWeight(
                 bank, entry["input"] if entry else None, entry["output"] if entry else None,
-                t.in_axis, t.out_axis, wspec, online_w,
+                t.in_axis, t.out_axis, wspec, online_w, scales, s_in, s_out,
             )
             parametrize.register_parametrization(owner, pname, par, unsafe=True)
             handle._parametrized.append((owner, pname))
-            if entry and entry["output"] and t.bias is not None:
-                bpar = RotateQuantWeight(bank, None, entry["output"], None, -1, None, False)
+            out_inst = entry["output"] if entry else None
+            if (out_inst or s_out) and t.bias is not None:
+                bpar = RotateQuantWeight(bank, None, out_inst, None, -1, None, False, scales, None, s_out)
                 parametrize.register_parametrization(owner, "bias", bpar, unsafe=True)
                 handle._parametrized.append((owner, "bias"))
         if name in online_names:
             handle._hooks.append(t.module.register_forward_pre_hook(online_input_hook, with_kwargs=True))
         # Activation quantization of every quantized linear's input (3-D experts: both projections, per expert).
         if not skip_quant and not is_head and quant.a.enabled:
-            _install_act_quant(model, name, t, quant.a, handle)
+            _install_act_quant(model, name, t, quant.a, handle, learn_a_clip)
 
     # Norm biases kept in place (OPT's final LayerNorm) rotate with the residual stream.
     for entry in sides.values():
@@ -285,6 +316,11 @@ def wrap_model(
                 par = RotateQuantWeight(bank, None, entry["output"], None, -1, None, False)
                 parametrize.register_parametrization(t.module, "bias", par, unsafe=True)
                 handle._parametrized.append((t.module, "bias"))
+
+    for p in scales.pairs if scales is not None else ():
+        if p.kind == "norm":  # before the readers' pre-hooks (activation quantizers, online Hadamards)
+            norm = model.get_submodule(p.source)
+            handle._hooks.append(norm.register_forward_hook(NormScaleHook(scales, p.key)))
 
     if r3:
         check_r3(list(attention_modules(model)))
@@ -308,6 +344,8 @@ def rotations_attached(
     r3: bool = False,
     online: Sequence[str] = (),
     bank: RotationBank | None = None,
+    scales: ScaleBank | None = None,
+    learn_a_clip: bool = False,
 ) -> Iterator[FakeQuantHooks]:
     """Learnable rotations on a prepared model (``rotation_plan.prepare_model``), for the duration of the block.
 
@@ -315,7 +353,11 @@ def rotations_attached(
     under ``BANK_ATTR`` (its Stiefel parameters are then the model's only trainable ones, which is what the
     Trainer and DDP see) and wraps the model (``wrap_model``). On exit the wrappers and the bank are removed and
     the weights' ``requires_grad`` flags restored: the model is the plain prepared model again, ready for the
-    learned matrices to be folded. The handle's ``bank`` attribute holds the bank."""
+    learned matrices to be folded. The handle's ``bank`` attribute holds the bank.
+
+    ``scales``: a ``ScaleBank`` (``scales.plan_scales`` of the prepared model) learned with the rotations; it hangs
+    on the model under ``SCALES_ATTR`` (so DDP sees it) and is ``handle.scales`` (None without). ``learn_a_clip``:
+    learnable activation clip ratios (``activation_clip_params(model)`` while attached; they go with the wrappers)."""
     if hasattr(model, BANK_ATTR):
         raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
     device = next(model.parameters()).device
@@ -324,16 +366,51 @@ def rotations_attached(
     for p, _ in flags:
         p.requires_grad_(False)
     setattr(model, BANK_ATTR, bank)
-    for p in bank.parameters():
+    if scales is not None:
+        setattr(model, SCALES_ATTR, scales.to(device))
+    for p in [*bank.parameters(), *(scales.parameters() if scales is not None else ())]:
         p.requires_grad_(True)
     handle = None
     try:
-        handle = wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, online=online)
-        handle.bank = bank
+        handle = wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, online=online, scales=scales,
+                            learn_a_clip=learn_a_clip)
+        handle.bank, handle.scales = bank, scales
         yield handle
     finally:
         if handle is not None:
             handle.remove()
         delattr(model, BANK_ATTR)
+        if scales is not None:
+            delattr(model, SCALES_ATTR)
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------ learnable activation clipping
+def activation_clip_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """quantizer module name -> its learnable clip logit (``wrap_model(learn_a_clip=True)``), in model order."""
+    return {n: m.clip_logit for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.clip_logit is not None}
+
+
+@torch.no_grad()
+def activation_clip_table(model: nn.Module) -> dict[str, torch.Tensor]:
+    """quantizer module name (``...q_proj.spinlearn_act``) -> learned clip ratio (float32 scalar): what a run saves
+    (``activation_clips.safetensors``) so evaluations and exports reproduce the quantized measurement."""
+    return {n: m.clip_ratio().detach().cpu().clone() for n, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.clip_logit is not None}
+
+
+def set_activation_clips(model: nn.Module, table: dict[str, torch.Tensor | float]) -> None:
+    """Fix the clip ratio of every activation quantizer named in ``table`` (a wrapped model, e.g. the fused model
+    after ``wrap_model(quant=...)``): its spec's clip_ratio becomes the table's value. Every name must exist."""
+    import dataclasses
+
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.head_dim is None}
+    unknown = sorted(set(table) - set(quantizers))
+    if unknown:
+        raise KeyError(f"activation clip table names quantizers this model does not have: {unknown[:3]} "
+                       f"(it has {sorted(quantizers)[:3]} ...; wrap the model with activation quantization first)")
+    for name, ratio in table.items():
+        q = quantizers[name]
+        q.spec = dataclasses.replace(q.spec, clip_ratio=float(ratio))

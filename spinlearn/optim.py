@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["CayleySGD", "max_orthogonality_error", "polar_orthonormalize"]
+__all__ = ["CayleySGD", "MultiOptimizer", "max_orthogonality_error", "polar_orthonormalize"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,3 +219,62 @@ class CayleySGD(Optimizer):
                 buf = saved["momentum_buffer"]
                 dtype = _compute_dtype(p.dtype)
                 self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=dtype, copy=True)
+
+
+class MultiOptimizer(Optimizer):
+    """Several optimizers stepped as one (Cayley SGD for the rotations, Adam for the learned scales and clips), so
+    that one Trainer, one LR scheduler and one checkpoint hold them all.
+
+    ``param_groups`` are the inner optimizers' own group dicts (a scheduler that sets ``lr`` reaches them);
+    ``state_dict`` is the usual ``{"state", "param_groups"}`` form with the inner indices offset, so it round-trips
+    through any code that handles a plain optimizer's state dict (``trainer._flatten_optimizer_state``)."""
+
+    def __init__(self, optimizers: Iterable[Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        if not self.optimizers:
+            raise ValueError("MultiOptimizer needs at least one optimizer")
+        super().__init__([p for o in self.optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):  # the inner optimizers' per-parameter states (live dicts)
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @state.setter
+    def state(self, value) -> None:  # Optimizer.__init__ assigns an empty one: the inner optimizers keep theirs
+        pass
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            n = sum(len(g["params"]) for g in sd["param_groups"])
+            state.update({offset + int(i): s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [offset + int(i) for i in g["params"]]} for g in sd["param_groups"]]
+            offset += n
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
+        start = 0
+        for o in self.optimizers:
+            mine = groups[start:start + len(o.param_groups)]
+            ids = [int(i) for g in mine for i in g["params"]]
+            remap = {i: k for k, i in enumerate(ids)}
+            sub_state = {remap[int(i)]: s for i, s in state_dict["state"].items() if int(i) in remap}
+            sub_groups = [{**g, "params": [remap[int(i)] for i in g["params"]]} for g in mine]
+            o.load_state_dict({"state": sub_state, "param_groups": sub_groups})
+            start += len(o.param_groups)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]

@@ -35,6 +35,7 @@ __all__ = [
     "quantize_activation",
     "quantize_kv",
     "ActQuantizer",
+    "fake_quantize_learned_clip",
     "quantizers_disabled",
     "QuantSettings",
 ]
@@ -253,24 +254,72 @@ def quantize_kv(x: Tensor, spec: QuantSpec, head_dim: int) -> Tensor:
     return _fake_quantize_rows(x, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip, group)
 
 
+# Learnable activation clipping: ratio = sigmoid(phi), phi clamped so the ratio stays inside (0, 1) in float32.
+LEARNED_CLIP_DEFAULT = 0.99  # the start when quant.a_clip is 1 (a sigmoid never reaches 1)
+CLIP_LOGIT_BOUND = 12.0
+
+
+def fake_quantize_learned_clip(x: Tensor, spec: QuantSpec, ratio: Tensor) -> Tensor:
+    """``fake_quantize`` with a clip ratio that gets a gradient (LSQ / OmniQuant-style; int format only).
+
+    The forward value is ``fake_quantize`` with ``clip_ratio = ratio``. Backward: identity to ``x`` (the usual STE;
+    the range statistics take no gradient) and, to the ratio, the derivative of scale * (clamp(round_ste(x / scale)
+    + z) - z) through the scale: (round(u) - u) inside the grid, (q - z) where clamped, times d scale / d ratio."""
+    n = x.shape[-1]
+    group = n if spec.group_size == -1 else spec.group_size
+    _check_groups(n, group, "QuantSpec")
+    xf = x.to(_compute_dtype(x))
+    g = xf.reshape(*xf.shape[:-1], n // group, group)
+    qmin, qmax = qrange(spec.bits, spec.sym)
+    with torch.no_grad():
+        zero_t = torch.zeros((), dtype=g.dtype, device=g.device)
+        xmin = torch.minimum(g.amin(dim=-1, keepdim=True), zero_t)
+        xmax = torch.maximum(g.amax(dim=-1, keepdim=True), zero_t)
+    scale, zero = _params_for_ratio(xmin, xmax, ratio.to(g.dtype), spec.bits, spec.sym)
+    zero = zero.detach()
+    with torch.no_grad():
+        xq = quant_dequant(g, scale, zero, qmin, qmax)
+    u = g.detach() / scale
+    q = torch.clamp(u + (torch.round(u) - u).detach() + zero, qmin, qmax)
+    through_scale = scale * (q - zero)  # value ~ xq; carries the gradient to the ratio only
+    out = g + (xq - g).detach() + (through_scale - through_scale.detach())
+    return out.reshape(xf.shape).to(x.dtype)
+
+
 class ActQuantizer(nn.Module):
     """Dynamic activation (or KV, when head_dim is set) fake quantizer that can be switched off.
 
     `enabled` is a plain attribute so the trainer can compute float teacher logits with the
-    same model (see `quantizers_disabled`).
+    same model (see `quantizers_disabled`). With ``learn_clip`` (activations, int format) the clip ratio is a
+    parameter, ``sigmoid(clip_logit)``, starting at spec.clip_ratio (or 0.99 when that is 1).
     """
 
-    def __init__(self, spec: QuantSpec, head_dim: int | None = None) -> None:
+    def __init__(self, spec: QuantSpec, head_dim: int | None = None, learn_clip: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.head_dim = head_dim
         self.enabled = True
+        self.clip_logit = None
+        if learn_clip:
+            if head_dim is not None or spec.format != "int":
+                raise ValueError(f"a learnable clip ratio is for int-format activations only (format {spec.format!r}"
+                                 f", head_dim {head_dim})")
+            r = float(spec.clip_ratio) if spec.clip_ratio < 1 else LEARNED_CLIP_DEFAULT
+            self.clip_logit = nn.Parameter(torch.tensor(r / (1.0 - r), dtype=torch.float64).log().float())
+
+    def clip_ratio(self) -> Tensor | float:
+        """The clip ratio in use: sigmoid of the learnable logit (a tensor with a gradient), else the spec's."""
+        if self.clip_logit is None:
+            return float(self.spec.clip_ratio)
+        return torch.sigmoid(self.clip_logit.clamp(-CLIP_LOGIT_BOUND, CLIP_LOGIT_BOUND))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or not self.spec.enabled:
             return x
         if self.head_dim is not None:
             return quantize_kv(x, self.spec, self.head_dim)
+        if self.clip_logit is not None:
+            return fake_quantize_learned_clip(x, self.spec, self.clip_ratio())
         return quantize_activation(x, self.spec)
 
     def extra_repr(self) -> str:

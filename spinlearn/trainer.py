@@ -21,7 +21,8 @@ from transformers import Trainer, TrainerCallback
 
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
-from .optim import CayleySGD
+from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
+from .optim import CayleySGD, MultiOptimizer
 from .quant import quantizers_disabled
 from .rotations import RotationBank
 
@@ -91,8 +92,13 @@ class RotationLogger(TrainerCallback):
 
 class RotationTrainer(Trainer):
     def __init__(self, *args, bank: RotationBank, rotation_optimizer: str = "cayley_sgd", momentum: float = 0.0,
-                 kl_weight: float = 0.0, ce_weight: float = 1.0, kl_topk: int | None = None, **kwargs):
+                 kl_weight: float = 0.0, ce_weight: float = 1.0, kl_topk: int | None = None,
+                 scales=None, scales_lr: float = 1e-2, clips: dict | None = None, clips_lr: float = 1e-2, **kwargs):
+        """``scales`` (a ``ScaleBank``) and ``clips`` (name -> learnable clip logit, ``activation_clip_params``) are
+        learned with Adam at their own learning rates beside the rotations (``MultiOptimizer``)."""
         super().__init__(*args, **kwargs)
+        self.scales, self.scales_lr = scales, scales_lr
+        self.clips, self.clips_lr = dict(clips or {}), clips_lr
         if self.args.max_steps <= 0:
             raise ValueError("train.max_steps must be > 0: rotation training is step-based (SpinQuant uses 100)")
         self.bank = bank
@@ -114,6 +120,10 @@ class RotationTrainer(Trainer):
             self.optimizer = make_optimizer(
                 self.rotation_optimizer, list(self.bank.parameters()), self.args.learning_rate, self.momentum
             )
+            groups = ([{"params": list(self.scales.parameters()), "lr": self.scales_lr}] if self.scales else []) + (
+                [{"params": list(self.clips.values()), "lr": self.clips_lr}] if self.clips else [])
+            if groups:
+                self.optimizer = MultiOptimizer([self.optimizer, torch.optim.Adam(groups, foreach=False)])
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -154,6 +164,8 @@ class RotationTrainer(Trainer):
         if "loss" in logs:  # training-step entries only (not the final summary)
             logs["rot_grad_norm"] = self.rotation_logger.grad_norm
             logs["max_orth_error"] = self.bank.max_orthogonality_error()
+            if self.scales is not None:
+                logs["scale_min"], logs["scale_max"] = self.scales.range()
             t0 = self.rotation_logger.t0
             elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
             if elapsed > 0:
@@ -171,6 +183,11 @@ class RotationTrainer(Trainer):
         if self.bank.preserve_ones:  # the optimizer's variables are not the matrices: keep them exactly too
             save_safetensors({n: t.cpu().contiguous() for n, t in self.bank.parameter_tensors().items()},
                       os.path.join(output_dir, ROTATION_PARAMS_FILE))
+        if self.scales is not None:
+            save_safetensors(self.scales.log_scales(), os.path.join(output_dir, LOG_SCALES_FILE))
+        if self.clips:
+            save_safetensors({n: p.detach().cpu().clone() for n, p in self.clips.items()},
+                             os.path.join(output_dir, CLIP_LOGITS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, ROTATIONS_FILE)
@@ -180,6 +197,24 @@ class RotationTrainer(Trainer):
         params = os.path.join(resume_from_checkpoint, ROTATION_PARAMS_FILE)
         if self.bank.preserve_ones and os.path.isfile(params):
             self.bank.load_parameter_tensors(load_file(params))  # bit-exact: Q itself, not Q recovered from R
+        self._load_extra(resume_from_checkpoint)
+
+    def _load_extra(self, checkpoint: str) -> None:
+        """The learned scales and clip logits of a checkpoint (when this run learns them)."""
+        for wanted, name in ((self.scales is not None, LOG_SCALES_FILE), (bool(self.clips), CLIP_LOGITS_FILE)):
+            if wanted and not os.path.isfile(os.path.join(checkpoint, name)):
+                raise FileNotFoundError(f"checkpoint {checkpoint!r} has no {name} (was it saved by a run that "
+                                        "learned scales / activation clips?)")
+        if self.scales is not None:
+            self.scales.load_log_scales(load_file(os.path.join(checkpoint, LOG_SCALES_FILE)))
+        if self.clips:
+            saved = load_file(os.path.join(checkpoint, CLIP_LOGITS_FILE))
+            missing = sorted(set(self.clips) - set(saved))
+            if missing:
+                raise KeyError(f"checkpoint {checkpoint!r}: clip logits missing for {missing[:3]}")
+            with torch.no_grad():
+                for n, p in self.clips.items():
+                    p.copy_(saved[n].to(p.dtype))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.args.should_save:

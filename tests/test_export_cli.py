@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import TINY_WORDS, save_tiny_model_dir
 from spinlearn.artifacts import MODEL_DIR, RECIPE_FILE, RESULTS_FILE
@@ -96,3 +97,17 @@ def test_export_errors(run, tmp_path, capsys, case, extra, message):
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
+
+
+def test_job_api_writes_every_recipe_scheme(run):
+    from spinlearn.export import export_recipe_schemes, load_export
+    from spinlearn.loading import load_causal_lm
+
+    _, run_dir = run
+    cfg = load_recipe(run_dir / RECIPE_FILE, ["export.schemes=[w8a8,float]", "export.group_size=-1"])
+    model = load_causal_lm(run_dir / MODEL_DIR)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    outs = export_recipe_schemes(model, cfg, run_dir, tokenizer_source=run_dir / MODEL_DIR, progress=False)
+    assert [p.name for p in outs] == ["export-w8a8", "export-float"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the fused model is untouched
+    assert load_export(outs[0]).spinlearn_export["online"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]

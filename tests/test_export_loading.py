@@ -43,8 +43,11 @@ def test_targets_name_exactly_the_online_layers():
     assert [a["location"] for a in group["apply"]] == ["input", "weight_input"] and group["apply"][1]["inverse"]
 
 
-def test_float_export_reproduces_fused_logits(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["r4", "all"])
+def test_float_export_reproduces_fused_logits(tiny, tmp_path, mode):
     model, online, ids = tiny
+    if mode == "all":  # every linear but lm_head (Brevitas layerwise / QuIP-style online input Hadamards)
+        online = online_linears(model, ["all"], False)
     out = export_model(model, "float", tmp_path / "f", online=online, progress=False)
     loaded = load_export(out)
     assert loaded.spinlearn_export["online"] == online

@@ -156,3 +156,17 @@ def test_fingerprint_sees_a_single_flipped_bit():
     assert distributed.replicated_fingerprint(a) == distributed.replicated_fingerprint(b)
     b[1].view(torch.int32)[2, 3] ^= 1
     assert distributed.replicated_fingerprint(a) != distributed.replicated_fingerprint(b)
+
+
+def test_the_full_weights_fully_shard_replaced_are_released():
+    """Without this every rank would keep all full weights alive through the old parameter objects."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    whole = list(model.parameters())
+    replaced = model[0].weight
+    holder = [replaced]  # e.g. the rotation plan's reference to the target weight
+    model[0].weight = nn.Parameter(torch.zeros(4, 8))  # what fully_shard does: a new (sharded) parameter
+    distributed._free_replaced(whole, model)
+    assert holder[0].numel() == 0 and holder[0].shape == (0,)
+    assert model[0].weight.shape == (4, 8) and model[1].weight.shape == (8, 8)  # live parameters untouched

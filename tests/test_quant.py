@@ -234,3 +234,73 @@ def test_act_quantizer_switch() -> None:
         assert model(x) is x
     assert act.enabled and not kv.enabled  # previous states restored
     assert "bits=4" in repr(model) and "head_dim=8" in repr(model)
+
+
+# ------------------------------------------------------------------------------------ learnable activation clip
+def _clip_quantizer(sym: bool, ratio: float, dtype=torch.float64) -> ActQuantizer:
+    q = ActQuantizer(QuantSpec(bits=4, sym=sym, clip_ratio=ratio), learn_clip=True)
+    return q.to(dtype)
+
+
+def _outlier_tokens(dtype=torch.float64) -> torch.Tensor:
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    x[:, 3] = 8.0  # a positive outlier channel: clipped at ratio 0.8
+    x[:, 9] = -6.0
+    return x
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_learned_clip_forward_is_the_fixed_clip_quantizer(sym):
+    q = _clip_quantizer(sym, 0.8, torch.float32)
+    x = _outlier_tokens(torch.float32)
+    ratio = float(q.clip_ratio().detach())
+    assert abs(ratio - 0.8) < 1e-6
+    assert torch.equal(q(x), fake_quantize(x, QuantSpec(bits=4, sym=sym, clip_ratio=ratio)))
+    assert abs(float(ActQuantizer(QuantSpec(bits=4), learn_clip=True).clip_ratio()) - 0.99) < 1e-6  # a_clip 1
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_learned_clip_gradient_is_lsq_and_matches_finite_differences_where_clipped(sym):
+    """Autograd vs the float64 LSQ formula for d loss / d phi, and (on the clipped entries only, where the output is
+    smooth in the ratio: scale * (q - z) with q fixed) against central finite differences of the forward value."""
+    q = _clip_quantizer(sym, 0.8)
+    x = _outlier_tokens()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    (q(x) * weights).sum().backward()
+    r = float(q.clip_ratio().detach())
+    qmin, qmax = (-8, 7) if sym else (0, 15)
+    xmin, xmax = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    dscale_dr = (torch.maximum(-xmin, xmax) / 7) if sym else (xmax - xmin) / 15
+    scale = dscale_dr * r
+    zero = torch.zeros_like(scale) if sym else torch.round(-xmin * r / scale)
+    u = x / scale
+    qi = torch.round(u) + zero
+    clipped = (qi < qmin) | (qi > qmax)
+    dx_dscale = torch.where(clipped, qi.clamp(qmin, qmax) - zero, torch.round(u) - u)
+    expected = (weights * dx_dscale * dscale_dr).sum() * r * (1 - r)
+    torch.testing.assert_close(q.clip_logit.grad, expected, rtol=1e-10, atol=1e-12)
+    assert clipped.sum() >= 6  # the outlier channels really are clipped
+
+    def value(phi: float) -> float:
+        with torch.no_grad():
+            q.clip_logit.fill_(phi)
+            return float((q(x) * weights * clipped).sum())
+
+    phi, eps = float(q.clip_logit), 1e-6
+    fd = (value(phi + eps) - value(phi - eps)) / (2 * eps)
+    analytic = float((weights * clipped * dx_dscale * dscale_dr).sum() * r * (1 - r))
+    assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)) and abs(analytic) > 1e-3
+
+
+def test_learned_clip_ratio_stays_inside_0_1_and_x_gets_the_identity_ste():
+    q = _clip_quantizer(False, 0.9, torch.float32)
+    x = _outlier_tokens(torch.float32).requires_grad_(True)
+    q(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    for phi in (-1e4, 1e4, float(torch.finfo(torch.float32).max)):
+        with torch.no_grad():
+            q.clip_logit.fill_(phi)
+        assert 0.0 < float(q.clip_ratio().detach()) < 1.0
+        assert torch.isfinite(q(x)).all()
+    with pytest.raises(ValueError, match="int-format activations only"):
+        ActQuantizer(QuantSpec(bits=4), head_dim=8, learn_clip=True)

@@ -27,6 +27,7 @@ from spinlearn.optim import max_orthogonality_error
 from helpers import save_tiny_model_dir
 from spinlearn.artifacts import OPTIMIZER_FILE, ROTATIONS_FILE, RUN_MARKER
 from spinlearn.trainer import RotationTrainer
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "spinlearn" / "demo" / "data"
@@ -121,9 +122,14 @@ def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
         assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
     assert (out / "model" / "tokenizer.json").is_file()
 
-    # One run, complete, nothing staged left behind.
+    # One run, complete, nothing staged left behind; every file written with the same (umask-respecting) mode.
     marker = json.loads((out / RUN_MARKER).read_text())
     assert marker["status"] == "complete" and not list(out.glob(".staging-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in out.rglob("*")
+             if p.is_file() and "wandb" not in p.parts}
+    assert set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}
 
     # The recipe is fully resolved and loads back to the same configuration.
     saved = load_recipe(out / "recipe.yaml")
@@ -226,8 +232,21 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(assets, tmp_path):
     momenta = _momentum_buffers(ckpt / OPTIMIZER_FILE)
     assert len(momenta) == 3 and all(m.abs().max() > 0 for m in momenta.values())  # r1 + two r2, non-zero
 
-    assert run_main(assets, overrides_for(resumed, **common, **{"train.resume_from_checkpoint": ckpt})) == 0
+    # An interrupted run (stopped after checkpoint-3) resumed with `latest` in its own directory.
+    from spinlearn.job import RotationJob
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        RotationJob(load_recipe(assets["recipe"], overrides_for(resumed, **common)), callbacks=[Interrupt()]).run()
+    assert (resumed / "checkpoint-3").is_dir() and not (resumed / "metrics.json").exists()
+    assert run_main(assets, overrides_for(resumed, **common, **{"train.resume_from_checkpoint": "latest"})) == 0
     a, b = load_file(full / "rotations.safetensors"), load_file(resumed / "rotations.safetensors")
+    whole = [json.loads((d / "metrics.json").read_text())["final_train_loss"] for d in (full, resumed)]
+    assert whole[0] == pytest.approx(whole[1], rel=1e-9)  # the whole run's loss, not only the resumed steps
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     a6, b6 = load_file(full / "checkpoint-6" / ROTATIONS_FILE), load_file(resumed / "checkpoint-6" / ROTATIONS_FILE)
     assert all(torch.equal(a6[k], b6[k]) for k in a6)  # bit-identical before the final polish, too

@@ -373,3 +373,55 @@ def test_kl_teacher_student_against_a_float64_reference(topk):
     assert kl_teacher_student(teacher, student, topk).item() == pytest.approx(ref, rel=1e-5)
     if topk == 5:
         assert ref != pytest.approx(kl_teacher_student(teacher, student, None).item(), rel=1e-2)
+
+
+# ------------------------------------------------------------------- learned scales and clips beside the rotations
+def _train_with_scales_and_clips(out, resume=None, seed: int = 0):
+    from spinlearn.fakequant import activation_clip_params
+    from spinlearn.scales import ScaleBank, plan_scales
+
+    model = tiny_model("llama")
+    plan = prepare_model(model, LAYOUT)
+    pairs = plan_scales(model, plan, log=False)
+    gen = torch.Generator().manual_seed(seed)
+    scales = ScaleBank(pairs, {p.key: torch.rand(p.width, generator=gen) + 0.5 for p in pairs} if seed else None)
+    ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(3))
+    start = make_matrices(plan, mode="hadamard", seed=seed)
+    with rotations_attached(model, plan, start, quant=W4A4KV4, scales=scales, learn_a_clip=True) as handle:
+        clips = activation_clip_params(model)
+        trainer = RotationTrainer(
+            model=model, args=trainer_args(out, steps=4, batch=2, save_strategy="steps", save_steps=2, logging_steps=1),
+            train_dataset=TokenBlockDataset(ids), bank=handle.bank, momentum=0.9, scales=scales, scales_lr=0.05,
+            clips=clips, clips_lr=0.05)
+        trainer.train(resume_from_checkpoint=resume)
+        return (handle.bank.parameter_tensors(), scales.log_scales(), {n: p.detach().clone() for n, p in clips.items()},
+                trainer)
+
+
+def test_scales_and_clips_learn_with_adam_and_resume_bit_exactly(tmp_path):
+    from spinlearn.optim import MultiOptimizer
+
+    rot, log_s, clips, trainer = _train_with_scales_and_clips(tmp_path / "a")
+    opt = trainer.optimizer.optimizer  # accelerate's wrapper holds ours
+    assert isinstance(opt, MultiOptimizer) and [type(o).__name__ for o in opt.optimizers] == ["CayleySGD", "Adam"]
+    assert [g["lr"] for g in opt.param_groups][1:] == [0.0, 0.0]  # the cosine schedule reached every group
+    assert min(v.abs().max().item() for v in log_s.values()) > 1e-3  # every scale moved away from 1
+    start_logit = math.log(0.99 / 0.01)
+    assert len(clips) == 2 * 7 and all(abs(v.item() - start_logit) > 1e-3 for v in clips.values())
+    assert "scale_max" in trainer.state.log_history[0]
+    # the optimizer state round-trips through the safetensors flattening
+    sd = opt.state_dict()
+    back = _unflatten_optimizer_state(*_flatten_optimizer_state(sd))
+    assert back["param_groups"] == json_roundtrip(sd["param_groups"])
+    # resumed from another start: only what the checkpoint holds (matrices, scales, clips, both optimizers' state)
+    # can make it end bit-identical to the uninterrupted run
+    rot2, log_s2, clips2, _ = _train_with_scales_and_clips(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"),
+                                                           seed=1)
+    for a, b in ((rot, rot2), (log_s, log_s2), (clips, clips2)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def json_roundtrip(obj):
+    import json
+
+    return json.loads(json.dumps(obj))

@@ -1,0 +1,53 @@
+"""checks.py: the job's inputs are validated before any data or weights are loaded, one line each."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import save_tiny_model_dir
+
+from spinlearn.checks import check_job_inputs
+from spinlearn.config import load_recipe
+from spinlearn.layout import LayoutError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny", "llama")
+
+
+def recipe(model_dir, out, **overrides):
+    base = {"model.path": model_dir, "data.train": "x.txt", "output_dir": out, "train.max_steps": 2,
+            "data.seqlen": 32}
+    return load_recipe(None, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
+
+
+def test_a_good_recipe_passes_and_returns_no_checkpoint(model_dir, tmp_path, monkeypatch):
+    import spinlearn.loading as loading
+
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    assert check_job_inputs(recipe(model_dir, tmp_path / "out")) is None
+
+
+@pytest.mark.parametrize("case", ["seqlen", "layout_dim", "output_file", "resume_missing", "not_empty"])
+def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
+    out = tmp_path / "out"
+    extra: dict = {}
+    if case == "seqlen":
+        extra, error, match = {"data.seqlen": 4096}, ValueError, r"data.seqlen=4096 is beyond the model's context"
+    elif case == "layout_dim":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text('rotation_matrices: {r1: {dim: 0}}\nrotation_config: {"*embed_tokens": [null, r1]}\n')
+        extra, error, match = {"rotation.layout": bad}, LayoutError, r"dim"
+    elif case == "output_file":
+        out.write_text("a file")
+        error, match = FileExistsError, r"output_dir .* is a file"
+    elif case == "resume_missing":
+        extra = {"train.resume_from_checkpoint": tmp_path / "nowhere"}
+        error, match = ValueError, r"train.resume_from_checkpoint: checkpoint .*nowhere.* does not exist"
+    else:
+        out.mkdir()
+        (out / "x").write_text("x")
+        error, match = FileExistsError, r"overwrite_output_dir=true"
+    with pytest.raises(error, match=match) as info:
+        check_job_inputs(recipe(model_dir, out, **extra))
+    assert "\n" not in str(info.value)

@@ -1,0 +1,178 @@
+"""spinlearn.scales: learned per-channel scales — the pairs per family, exact folding (float64 references), the
+wrapped model against the folded one, the SmoothQuant start against a numpy reference, gradients and GQA sharing."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import FAMILIES, float64_exact_norms, layout_for, logits_in_model_dtype, tiny_model
+from spinlearn.fakequant import rotations_attached
+from spinlearn.fusion import fold_rotations
+from spinlearn.quant import QuantSettings, QuantSpec
+from spinlearn.rotation_plan import make_matrices, prepare_model
+from spinlearn.scales import ScaleBank, plan_scales
+from spinlearn.scales_fold import fold_scales, smoothquant_scales
+
+W4A4KV4 = QuantSettings(w=QuantSpec(bits=4), a=QuantSpec(bits=4, sym=False), kv=QuantSpec(bits=4, sym=False))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ids(seed: int = 15) -> torch.Tensor:
+    return torch.randint(3, 128, (2, 12), generator=_gen(seed))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _random_scales(pairs, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    return {p.key: torch.exp(0.5 * torch.randn(p.width, generator=g, dtype=torch.float64)) for p in pairs}
+
+
+# kinds of pair each family must get (the others are skipped and logged)
+EXPECTED_KINDS = {
+    "llama": {"norm", "v_o", "up_down"}, "qwen2": {"norm", "v_o", "up_down"}, "qwen3": {"norm", "v_o", "up_down"},
+    "mistral": {"norm", "v_o", "up_down"}, "gemma": {"norm", "v_o", "up_down"}, "mixtral": {"norm", "v_o"},
+    "phi3": {"norm"}, "nemotron_h": {"norm", "v_o"}, "opt": {"norm", "v_o"},
+}
+
+
+def _fused(original, family: str, dtype=torch.float64, seed: int = 3):
+    model = copy.deepcopy(original)
+    plan = prepare_model(model, layout_for(family))
+    matrices = make_matrices(plan, mode="orthogonal", seed=seed)
+    pairs = plan_scales(model, plan)
+    scales = _random_scales(pairs, seed)
+    fold_rotations(plan.placements, matrices, True)
+    fold_scales(model, plan, scales)
+    return model, plan, matrices, pairs, scales
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_folded_scales_keep_float64_logits_exact(family, capsys):
+    original = tiny_model(family, dtype=torch.float64)
+    float64_exact_norms(original)
+    fused, _, _, pairs, _ = _fused(original, family)
+    assert {p.kind for p in pairs} == EXPECTED_KINDS[family]
+    ids = _ids()
+    ref = logits_in_model_dtype(original, ids)
+    assert _rel(logits_in_model_dtype(fused, ids), ref) <= 1e-9
+    if EXPECTED_KINDS[family] != {"norm", "v_o", "up_down"}:
+        assert "[spinlearn] scales: skipped" in capsys.readouterr().out
+    # the scales really changed the weights: folding without them is a different model
+    unscaled = copy.deepcopy(original)
+    plan = prepare_model(unscaled, layout_for(family))
+    fold_rotations(plan.placements, make_matrices(plan, mode="orthogonal", seed=3), True)
+    diffs = [(a - b).abs().max().item() for a, b in zip(fused.parameters(), unscaled.parameters())]
+    assert max(diffs) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "opt"])
+def test_folded_scales_float32_exact_and_undone_by_the_inverse(family):
+    original = tiny_model(family, dtype=torch.float32)
+    fused, plan, _, _, scales = _fused(original, family)
+    ids = _ids()
+    assert _rel(logits_in_model_dtype(fused, ids), logits_in_model_dtype(original, ids)) <= 1e-4
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    fold_scales(fused, plan, {k: s * 3.0 for k, s in scales.items()})
+    fold_scales(fused, plan, {k: 1.0 / (s * 3.0) for k, s in scales.items()})
+    assert max((fused.state_dict()[k] - v).abs().max().item() for k, v in before.items()) <= 1e-5
+
+
+def test_fold_scales_refuses_unknown_keys_and_bad_shapes():
+    model = tiny_model("llama")
+    plan = prepare_model(model, "transformer_universal")
+    with pytest.raises(KeyError, match="model.layers.9.input_layernorm"):
+        fold_scales(model, plan, {"model.layers.9.input_layernorm": torch.ones(64)})
+    with pytest.raises(ValueError, match=r"'model.layers.0.input_layernorm' has shape \(3,\), expected \(64,\)"):
+        fold_scales(model, plan, {"model.layers.0.input_layernorm": torch.ones(3)})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral", "opt"])
+def test_wrapped_with_quantizers_off_equals_folded(family):
+    original = tiny_model(family, dtype=torch.float64)
+    float64_exact_norms(original)
+    fused, _, matrices, _, scales = _fused(original, family)
+    model = copy.deepcopy(original)
+    plan = prepare_model(model, layout_for(family))
+    bank = ScaleBank(plan_scales(model, plan, log=False), scales)
+    ids = _ids()
+    with torch.no_grad(), rotations_attached(model, plan, matrices, scales=bank):
+        wrapped = logits_in_model_dtype(model, ids)
+    assert _rel(wrapped, logits_in_model_dtype(fused, ids)) <= 1e-6  # bank float32: log-scales rounded
+    with torch.no_grad(), rotations_attached(model, plan, matrices, scales=bank, quant=W4A4KV4):
+        quantized = logits_in_model_dtype(model, ids)
+    assert _rel(quantized, wrapped) > 1e-3
+    assert not hasattr(model, "spinlearn_scales")
+
+
+def test_gradients_reach_every_log_scale_and_gqa_shares_one_vector_per_kv_head():
+    model = tiny_model("llama")
+    plan = prepare_model(model, "transformer_universal")
+    pairs = plan_scales(model, plan)
+    bank = ScaleBank(pairs, _random_scales(pairs))
+    vo = bank.by_key["model.layers.0.self_attn.v_proj"]
+    cfg = model.config
+    assert vo.width == cfg.num_key_value_heads * cfg.head_dim and vo.head_dim == cfg.head_dim
+    s = bank.get(vo.key).detach()
+    wide = bank.for_reader(vo.key, cfg.num_attention_heads * cfg.head_dim).detach()
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    for h in range(cfg.num_attention_heads):  # query head h reads KV head h // n_rep (transformers' repeat_kv)
+        g = h // n_rep
+        assert torch.equal(wide[h * cfg.head_dim:(h + 1) * cfg.head_dim], s[g * cfg.head_dim:(g + 1) * cfg.head_dim])
+    ids = _ids()
+    with rotations_attached(model, plan, make_matrices(plan), scales=bank, quant=W4A4KV4):
+        model(input_ids=ids, labels=ids).loss.backward()
+    for key, p in bank.log_s.items():
+        assert p.grad is not None and p.grad.abs().max() > 0, key
+
+
+def test_smoothquant_start_matches_a_numpy_reference():
+    alpha = 0.5
+    model = tiny_model("llama")
+    plan = prepare_model(model, "transformer_universal")
+    matrices = make_matrices(plan, mode="hadamard", seed=1)
+    pairs = plan_scales(model, plan, log=False)
+    blocks = torch.randint(3, 128, (3, 16), generator=_gen(4))
+    got = smoothquant_scales(model, plan, matrices, pairs, blocks, alpha)
+    # reference: the rotations folded into a copy, plain forward, inputs captured, the formula in numpy
+    ref_model = copy.deepcopy(model)
+    fold_rotations(plan.placements, matrices, True)  # model is left prepared: fold into it, compare on ref_model's copy
+    ref_model = model
+    inputs: dict[str, list] = {}
+    layer = ref_model.model.layers[0]
+    mods = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].detach().numpy()))
+             for n, m in mods.items()]
+    with torch.no_grad():
+        for row in blocks:
+            ref_model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+
+    def formula(x, weights, kv_heads=None, head_dim=None):
+        xmax = np.abs(np.concatenate([a.reshape(-1, a.shape[-1]) for a in x])).max(0).astype(np.float64)
+        wmax = np.max([np.abs(w.detach().numpy().astype(np.float64)).max(0) for w in weights], axis=0)
+        if kv_heads:
+            xmax = xmax.reshape(kv_heads, -1, head_dim).max(1).reshape(-1)
+            wmax = wmax.reshape(kv_heads, -1, head_dim).max(1).reshape(-1)
+        return np.maximum(xmax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+
+    attn = layer.self_attn
+    cfg = ref_model.config
+    expected = {
+        "model.layers.0.input_layernorm": formula(inputs["q"], [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        "model.layers.0.self_attn.v_proj": formula(inputs["o"], [attn.o_proj.weight], cfg.num_key_value_heads, cfg.head_dim),
+        "model.layers.0.mlp.up_proj": formula(inputs["down"], [layer.mlp.down_proj.weight]),
+    }
+    for key, ref in expected.items():
+        np.testing.assert_allclose(got[key].numpy(), ref, rtol=2e-5)
+    assert all(float(s.max() / s.min()) > 1.5 for s in got.values())  # non-trivial: not all ones
