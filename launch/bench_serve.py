@@ -39,7 +39,7 @@ def _exports(model_path: str, root: Path, group_size: int | None) -> list[tuple[
     out = []
     for label, scheme, with_r4 in ROWS:
         d = root / label.replace(" ", "").replace("+", "_")
-        export_model(model, scheme, d, online=r4 if with_r4 else [], group_size=group_size,
+        export_model(model, d, scheme=scheme, online=r4 if with_r4 else [], group_size=group_size,
                      tokenizer_source=model_path, progress=False)
         out.append((label, d))
     return out

@@ -7,8 +7,9 @@ accelerate, for three reasons:
 * accelerate (1.15) enables FSDP only for accelerator devices: on CPU (gloo) its state is ``MULTI_CPU`` whatever
   the config says, and the Trainer silently falls back to DDP. One code path on CPU and GPU keeps the CPU tests
   meaningful for GPU runs.
-* accelerate's root ``fully_shard`` would shard the bank (it hangs on the model) together with the embeddings;
-  the rotations must stay whole and bit-identical on every rank.
+* accelerate's root ``fully_shard`` would shard the bank (it hangs on the model) together with the embeddings
+  unless every config named it in ``fsdp_ignored_modules``; the rotations must stay whole and bit-identical on
+  every rank, and their gradients must still be averaged, which FSDP does not do for parameters it ignores.
 * the weights are frozen, so FSDP never reduce-scatters anything (gloo has no reduce_scatter): the only
   collectives are the all-gathers before each unit's forward (and again in backward, ``reshard_after_forward``),
   and the all-reduce of the bank's gradients.

@@ -321,7 +321,12 @@ def wrap_model(
         if p.kind == "norm":  # before the readers' pre-hooks (activation quantizers, online Hadamards)
             norm = model.get_submodule(p.source)
             handle._hooks.append(norm.register_forward_hook(NormScaleHook(scales, p.key)))
+    _install_kv(model, quant, r3, handle)
+    return handle
 
+
+def _install_kv(model: nn.Module, quant: QuantSettings, r3: bool, handle: FakeQuantHooks) -> None:
+    """The attention function with R3 on Q/K and the K/V quantizers (when either is on)."""
     if r3:
         check_r3(list(attention_modules(model)))
     if quant.kv.enabled or r3:
@@ -331,7 +336,6 @@ def wrap_model(
             handle._attr_added.append((mod, "spinlearn_kv"))
         handle._old_attn = model.config._attn_implementation
         model.config._attn_implementation = ATTN_NAME
-    return handle
 
 
 @contextlib.contextmanager
@@ -414,3 +418,19 @@ def set_activation_clips(model: nn.Module, table: dict[str, torch.Tensor | float
     for name, ratio in table.items():
         q = quantizers[name]
         q.spec = dataclasses.replace(q.spec, clip_ratio=float(ratio))
+
+
+@contextlib.contextmanager
+def learned_extras_off(model: nn.Module) -> Iterator[None]:
+    """The attached model as its start: learned scales at 1 (``ScaleBank.identity``) and every learnable clip ratio
+    replaced by its spec's fixed one, for the duration of the block (measures the rotation alone)."""
+    clips = {m: m.clip_logit for m in model.modules() if isinstance(m, ActQuantizer) and m.clip_logit is not None}
+    scales = getattr(model, SCALES_ATTR, None)
+    try:
+        for m in clips:
+            m.clip_logit = None
+        with scales.identity() if scales is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for m, p in clips.items():
+            m.clip_logit = p

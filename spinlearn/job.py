@@ -11,7 +11,6 @@ are staged in a hidden directory and moved into place together at the end.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -24,9 +23,13 @@ from . import artifacts, rundir
 from .choices import ROTATION_MODE_LABELS
 from .fakequant import check_online_hadamards, rotations_attached, wrap_model
 from .fusion import fold_rotations
+from .scales_fold import fold_scales
 from .quant import QuantSettings
 from .report import format_table
 from .rotation_plan import make_matrices, prepare_model
+
+
+PROFILE_BLOCKS = 2  # calibration blocks for the activation outlier profile (before/after pictures)
 
 
 def _log(msg: str, main: bool = True) -> None:
@@ -143,7 +146,7 @@ class RotationJob:
         self.online = check_online_hadamards(self.model, r3=cfg.rotation.r3, online=cfg.rotation.online,
                                              r4=cfg.rotation.r4)
         self.quant = QuantSettings.from_recipe(cfg.quant)
-        if self.windows is not None and self.main:
+        if self.main:
             self.profile_before = self._activation_profile()
 
     def baselines(self) -> None:
@@ -164,12 +167,16 @@ class RotationJob:
         self.plan = prepare_model(self.model, cfg.rotation.layout)
         self.start = {k: v.double().cpu() for k, v in make_matrices(self.plan, mode=cfg.rotation.init,
                                                                      seed=cfg.rotation.seed).items()}
+        from .fakequant import activation_clip_params, activation_clip_table, learned_extras_off
+
+        scales = self._scale_bank() if cfg.rotation.learn_scales else None
         with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
-                                online=self.online) as handle:
+                                online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip) as handle:
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
-                self.metrics["ppl_quant_before"] = self._ppl(label)
-            self.trainer = self._make_trainer(handle.bank)
+                with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
+                    self.metrics["ppl_quant_before"] = self._ppl(label)
+            self.trainer = self._make_trainer(handle.bank, scales, activation_clip_params(self.model))
             if self.fsdp:
                 self._shard(handle.bank)
             t0 = time.perf_counter()
@@ -177,6 +184,8 @@ class RotationJob:
             train_time = time.perf_counter() - t0
             self.trainer.finalize_rotations()
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
+            self.learned_scales = scales.scales() if scales is not None else None
+            self.learned_clips = activation_clip_table(self.model) if cfg.quant.learn_a_clip else None
             if self.fsdp:
                 from .distributed import check_replicated
 
@@ -196,10 +205,18 @@ class RotationJob:
         """Fold the learned matrices into the weights (float64). The result is a plain HF model, exact in plain
         transformers: online Hadamards are *not* folded here (only exports that declare them fold their half)."""
         fold_rotations(self.plan.placements, self.learned, self.plan.layout.use_float64)
+        if self.learned_scales is not None:  # after the rotations: the scales live in the rotated basis
+            fold_scales(self.model, self.plan, self.learned_scales)
 
     def evaluate_learned(self) -> None:
         """The learned row, on the fused model with the run's online Hadamards: exactly what an export serves.
         Guard: if it is worse than the start (``eval.guard``), the start is kept instead, and the run says so."""
+        if self.main and getattr(self, "profile_before", None):
+            handle = wrap_model(self.model, r3=self.cfg.rotation.r3, online=self.online)
+            try:
+                self.profile_after = self._activation_profile()
+            finally:
+                handle.remove()
         if self.windows is None:
             return
         after = self._ppl_fused(f"{self.quant.name} RTN, learned rotation")
@@ -208,8 +225,10 @@ class RotationJob:
         if self.cfg.eval.guard and after > before:
             _log(f"guard: the learned rotations ({after:.3f}) are worse than the start ({before:.3f}) on the "
                  "evaluation split; keeping the start matrices (eval.guard=false keeps the learned ones)", self.main)
+            if self.learned_scales is not None:  # undo the scales (multiplicative) before the rotations
+                fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
             fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start), self.plan.layout.use_float64)
-            self.learned = self.start
+            self.learned, self.learned_scales, self.learned_clips = self.start, None, None
             self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
             self.metrics["ppl_quant_after"] = before
             self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"] = before
@@ -226,6 +245,10 @@ class RotationJob:
             artifacts.save_model_dir(self.model, self.staging / artifacts.MODEL_DIR, tokenizer_source=self.cfg.model.path)
             artifacts.save_rotations(self.learned, self.staging / artifacts.ROTATIONS_FILE,
                                      {"layout": self.plan.layout.name})
+            if self.learned_scales is not None:  # already folded into model/; kept for inspection and re-folding
+                artifacts.save_rotations(self.learned_scales, self.staging / artifacts.SCALES_FILE)
+            if self.learned_clips is not None:  # a quantizer setting: evaluations apply it (set_activation_clips)
+                artifacts.save_rotations(self.learned_clips, self.staging / artifacts.ACTIVATION_CLIPS_FILE)
             (self.staging / artifacts.LAYOUT_FILE).write_text(self.plan.layout.to_yaml())  # as resolved (auto too)
             (self.staging / artifacts.RECIPE_FILE).write_text(recipe_to_yaml(self.cfg))
             for scheme in self.cfg.export.schemes:
@@ -253,7 +276,7 @@ class RotationJob:
             rundir.mark_run(self.out, "failed")
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _make_trainer(self, bank):
+    def _make_trainer(self, bank, scales=None, clips=None):
         from .data import TokenBlockDataset
         from .trainer import RotationTrainer
 
@@ -262,8 +285,23 @@ class RotationJob:
             model=self.model, args=self.args, train_dataset=TokenBlockDataset(self.blocks), bank=bank,
             rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
             kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight, kl_topk=cfg.loss.kl_topk,
+            scales=scales, scales_lr=cfg.rotation.scales_lr, clips=clips, clips_lr=cfg.quant.a_clip_lr,
             callbacks=self.callbacks or None,
         )
+
+    def _scale_bank(self):
+        """The learnable scales of every fusible pair, at 1 or at SmoothQuant's start (a few calibration blocks,
+        rotated basis, start matrices)."""
+        from .scales import ScaleBank, plan_scales
+        from .scales_fold import smoothquant_scales
+
+        r = self.cfg.rotation
+        pairs = plan_scales(self.model, self.plan, log=self.main)
+        init = None
+        if r.scales_init == "smoothquant":
+            init = smoothquant_scales(self.model, self.plan, self.start, pairs, self.blocks[:8], r.scales_alpha)
+        _log(f"scales: {len(pairs)} learned vectors ({r.scales_init} start)", self.main)
+        return ScaleBank(pairs, init)
 
     def _shard(self, bank) -> None:
         from .distributed import shard_for_training
@@ -305,8 +343,12 @@ class RotationJob:
         return value
 
     def _ppl_fused(self, label: str) -> float:
+        from .fakequant import set_activation_clips
+
         handle = wrap_model(self.model, quant=self.quant, r3=self.cfg.rotation.r3, online=self.online)
         try:
+            if getattr(self, "learned_clips", None):
+                set_activation_clips(self.model, self.learned_clips)
             return self._ppl(label)
         finally:
             handle.remove()
@@ -347,35 +389,30 @@ class RotationJob:
             from .plots import activation_profile
         except ImportError:
             return None
-        return activation_profile(self.model, self.blocks[:2])
+        return activation_profile(self.model, self.blocks[:PROFILE_BLOCKS])
 
     def _pictures(self) -> None:
+        """training_curve.png and outlier_profile.png (optional extra ``plots``: skipped, with one line, without it)."""
         try:
             from .plots import plot_outlier_profile, plot_training_curve
         except ImportError:
             return
-        with contextlib.suppress(ImportError):
-            self.images["training_curve"] = plot_training_curve(
-                self.trainer.state.log_history, self.staging / artifacts.TRAINING_CURVE_FILE)
-            before = getattr(self, "profile_before", None)
-            if before:
-                handle = wrap_model(self.model, r3=self.cfg.rotation.r3, online=self.online)
-                try:
-                    after = self._activation_profile()
-                finally:
-                    handle.remove()
-                self.images["outlier_profile"] = plot_outlier_profile(
-                    before, after, self.staging / artifacts.OUTLIER_PROFILE_FILE)
-        # the images move with the staged outputs
-        self.images = {k: self.out / Path(v).name for k, v in self.images.items()}
+        written = {
+            "training_curve": plot_training_curve(self.trainer.state.log_history,
+                                                  self.staging / artifacts.TRAINING_CURVE_FILE),
+        }
+        before, after = getattr(self, "profile_before", None), getattr(self, "profile_after", None)
+        if before and after:
+            written["outlier_profile"] = plot_outlier_profile(before, after,
+                                                              self.staging / artifacts.OUTLIER_PROFILE_FILE)
+        self.images = {k: Path(v) for k, v in written.items() if v is not None}
 
     def _log_to_wandb(self) -> None:
         try:
             from .plots import log_to_wandb
         except ImportError:
             return
-        staged = {k: self.staging / p.name for k, p in self.images.items()}
-        log_to_wandb(self.metrics, staged)
+        log_to_wandb(self.metrics, self.images)  # before the staged files move
 
 
 def _inverse_then(applied: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

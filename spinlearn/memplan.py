@@ -322,14 +322,15 @@ def make_plan(model: str | Path, recipe, *, gpus: int = 1, gpu_mem: float | None
     shape = model_shape(load_config(model), st.layout)
     estimates, fits = {}, {}
     for strategy in STRATEGIES if gpus > 1 else ("single",):
-        estimates[strategy] = {
-            key: {k: v / GIB for k, v in estimate(shape, st, strategy, gpus, ckpt=on, overhead_gib=overhead_gib).items()}
-            for key, on in (("checkpointing_off", False), ("checkpointing_on", True))}
+        estimates[strategy] = {}
+        for key, on in (("checkpointing_off", False), ("checkpointing_on", True)):
+            comps = estimate(shape, st, strategy, gpus, ckpt=on, overhead_gib=overhead_gib)
+            estimates[strategy][key] = {k: v / GIB for k, v in comps.items()}
         if gpu_mem is not None:
             fits[strategy] = {key: e["total"] <= gpu_mem for key, e in estimates[strategy].items()}
-    return {"model": str(model), "architecture": shape.name, "layout": shape.layout, "params": shape.params, "layers": shape.layers,
-            "rotations": len(shape.rotation_sizes), "settings": asdict(st), "gpus": gpus, "gpu_mem_gib": gpu_mem,
-            "overhead_gib": overhead_gib, "estimates": estimates, "fits": fits}
+    return {"model": str(model), "architecture": shape.name, "layout": shape.layout, "params": shape.params,
+            "layers": shape.layers, "rotations": len(shape.rotation_sizes), "settings": asdict(st), "gpus": gpus,
+            "gpu_mem_gib": gpu_mem, "overhead_gib": overhead_gib, "estimates": estimates, "fits": fits}
 
 
 def _gib(v: float) -> str:
@@ -346,7 +347,8 @@ def format_plan(plan: dict) -> str:
     mem = f", {n} GPU(s) x {plan['gpu_mem_gib']:g} GiB" if plan["gpu_mem_gib"] is not None else f", {n} GPU(s)"
     lines = [
         f"{plan['model']}: {plan['architecture']}, {plan['params'] / 1e9:.2f}B parameters, {plan['layers']} layers, "
-        f"{plan['rotations']} rotations (layout {plan['layout']}); {st['dtype']}, seqlen {st['seqlen']} x batch {st['batch']} per device{mem}. "
+        f"{plan['rotations']} rotations (layout {plan['layout']}); {st['dtype']}, seqlen {st['seqlen']} x batch "
+        f"{st['batch']} per device{mem}. "
         f"Estimated peak memory per GPU (GiB); the recipe has gradient checkpointing "
         f"{'on' if st['gradient_checkpointing'] else 'off'}.", "",
         "| component | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),

@@ -123,10 +123,10 @@ class _InputStats:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).reshape(-1, x.shape[-1]).cpu()
-        cmax = x.abs().amax(0)
+        x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])  # on the input's device; only sums move
+        cmax = x.abs().amax(0).cpu()
         self.chan_max = cmax if self.chan_max is None else torch.maximum(self.chan_max, cmax)
-        self.moments += torch.stack([x.sum(), x.pow(2).sum(), x.pow(3).sum(), x.pow(4).sum()])
+        self.moments += torch.stack([x.sum(), x.pow(2).sum(), x.pow(3).sum(), x.pow(4).sum()]).cpu()
         self.count += x.numel()
 
     def result(self) -> dict:

@@ -160,10 +160,12 @@ class DumpShardInfo(TrainerCallback):
                      "local_numel": sum(p.to_local().numel() for p in sharded),
                      "full_numel": sum(p.numel() for p in sharded),
                      "trainable_dtensors": sum(p.requires_grad for p in sharded)}
-        name, module = next((n, m) for n, m in model.named_modules() if ".layers.0." in n and hasattr(m, "parametrizations"))
+        name, module = next((n, m) for n, m in model.named_modules()
+                            if ".layers.0." in n and hasattr(m, "parametrizations"))
         stored = module.parametrizations.weight.original
+        local = stored.to_local() if isinstance(stored, DTensor) else stored
         self.info.update(probe=name, stored_type=type(stored).__name__, stored_shape=list(stored.shape),
-                         stored_local_shape=list(stored.to_local().shape if isinstance(stored, DTensor) else stored.shape))
+                         stored_local_shape=list(local.shape))
 
         def record(mod, _args):
             seen = mod.parametrizations.weight.original

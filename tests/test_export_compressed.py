@@ -59,7 +59,7 @@ def test_int_exports_decompress_to_spinlearn_rtn(tiny, tmp_path, scheme, group):
     from compressed_tensors.transform import TransformConfig
 
     model, online = tiny
-    out = export_model(model, scheme, tmp_path / scheme, online=online, group_size=group, progress=False)
+    out = export_model(model, tmp_path / scheme, scheme=scheme, online=online, group_size=group, progress=False)
     cfg, dec = _decompress(out)
     QuantizationConfig.model_validate({k: v for k, v in cfg.items() if k != "transform_config"})
     TransformConfig.model_validate(cfg["transform_config"])
@@ -93,7 +93,7 @@ def test_nvfp4_export_decompresses_to_spinlearn_fp4(tmp_path):
     model = tiny_model("llama", intermediate_size=192)  # NVFP4 blocks of 16: 344 = 172 * 2 would not do
     online = online_linears(model, None, True)
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    out = export_model(model, "nvfp4", tmp_path / "nvfp4", online=online, calib_blocks=calib, progress=False)
+    out = export_model(model, tmp_path / "nvfp4", scheme="nvfp4", online=online, calib_blocks=calib, progress=False)
     cfg, dec = _decompress(out)
     assert cfg["format"] == "nvfp4-pack-quantized"
     ref = _folded(model, online)
@@ -118,7 +118,7 @@ def test_gptq_export_holds_gptq_weights_and_its_scales(tiny, tmp_path):
 
     model, online = tiny
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    out = export_model(model, "w4a16", tmp_path / "gptq", online=online, group_size=-1, w_method="gptq",
+    out = export_model(model, tmp_path / "gptq", scheme="w4a16", online=online, group_size=-1, w_method="gptq",
                        calib_blocks=calib, progress=False)
     _, dec = _decompress(out)
     ref = _folded(model, online)
@@ -151,7 +151,7 @@ def test_demo_w4a16_packs_to_a_sixth(tmp_path):
     from spinlearn.loading import load_causal_lm
 
     model = load_causal_lm(DEMO)
-    out = export_model(model, "w4a16", tmp_path / "demo", progress=False)
+    out = export_model(model, tmp_path / "demo", scheme="w4a16", progress=False)
     tensors = load_file(str(out / "model.safetensors"))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     packed = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[0] in linears)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import tiny_model
 from spinlearn.export import export_model, load_export
@@ -48,9 +49,13 @@ def test_float_export_reproduces_fused_logits(tiny, tmp_path, mode):
     model, online, ids = tiny
     if mode == "all":  # every linear but lm_head (Brevitas layerwise / QuIP-style online input Hadamards)
         online = online_linears(model, ["all"], False)
-    out = export_model(model, "float", tmp_path / "f", online=online, progress=False)
+    out = export_model(model, tmp_path / "f", scheme="float", online=online, progress=False)
     loaded = load_export(out)
     assert loaded.spinlearn_export["online"] == online
+    stored = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if "spinlearn_online_input" in k}
+    widths = {model.get_submodule(n).in_features for n in online}
+    assert sorted(v.shape[0] for v in stored.values()) == sorted(widths)  # one +-1 matrix per width
+    assert all(torch.equal(v, stored_hadamard(v.shape[0])) for v in stored.values())
     with torch.no_grad():
         ref, got = model(ids).logits, loaded(ids).logits
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
@@ -60,7 +65,7 @@ def test_w8a8_export_computes_spinlearns_fake_quantized_model(tiny, tmp_path):
     from spinlearn.fakequant import wrap_model
 
     model, online, ids = tiny
-    out = export_model(model, "w8a8", tmp_path / "q", online=online, progress=False)
+    out = export_model(model, tmp_path / "q", scheme="w8a8", online=online, progress=False)
     loaded = load_export(out)
     ref = copy.deepcopy(model)
     fold_online(ref, online)
@@ -77,7 +82,7 @@ def test_plain_transformers_ignores_the_transform(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, online, ids = tiny
-    out = export_model(model, "w8a8", tmp_path / "p", online=online, progress=False)
+    out = export_model(model, tmp_path / "p", scheme="w8a8", online=online, progress=False)
     plain = AutoModelForCausalLM.from_pretrained(str(out))
     ours = load_export(out)
     with torch.no_grad():

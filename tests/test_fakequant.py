@@ -143,3 +143,30 @@ def test_wrap_then_remove_restores_structure_weights_and_outputs(family):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before_logits)
     assert (wrapped_logits - before_logits).abs().max() > 1e-3  # the wrapped model really was different
+
+
+# ------------------------------------------------------------------------------ learned activation clip table
+def test_activation_clip_table_reproduces_the_learned_quantizers_on_a_fresh_wrap():
+    from spinlearn.fakequant import activation_clip_params, activation_clip_table, set_activation_clips
+
+    model = tiny_model("llama")
+    ids = _ids()
+    handle = wrap_model(model, quant=W4A4KV4, learn_a_clip=True)
+    params = activation_clip_params(model)
+    assert len(params) == 2 * 7 and "model.layers.0.self_attn.q_proj.spinlearn_act" in params
+    with torch.no_grad():
+        for i, p in enumerate(params.values()):
+            p.fill_(-1.0 + 0.2 * i)  # distinct ratios, 0.27 .. 0.86
+        learned = model(input_ids=ids).logits
+    table = activation_clip_table(model)
+    handle.remove()
+    assert not activation_clip_params(model)
+    handle = wrap_model(model, quant=W4A4KV4)
+    with torch.no_grad():
+        fixed = model(input_ids=ids).logits
+        set_activation_clips(model, table)
+        again = model(input_ids=ids).logits
+    assert torch.equal(again, learned) and (fixed - learned).abs().max() > 1e-2
+    with pytest.raises(KeyError, match="does not have.*'nope.spinlearn_act'"):
+        set_activation_clips(model, {"nope.spinlearn_act": 0.5})
+    handle.remove()

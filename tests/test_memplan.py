@@ -213,8 +213,9 @@ def test_strategy_arithmetic():
 
 def test_cli_plan_table_and_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = cli_main(["plan", "--model", str(CONFIGS / "llama3_8b"), "--config", str(ROOT / "recipes/llama3_8b_w4a4kv4.yaml"),
-                   "--gpus", "8", "--gpu-mem", "80", "--json", str(out)])
+    recipe = str(ROOT / "recipes" / "llama3_8b_w4a4kv4.yaml")
+    rc = cli_main(["plan", "--model", str(CONFIGS / "llama3_8b"), "--config", recipe, "--gpus", "8", "--gpu-mem", "80",
+                   "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| component | single process | DDP (8) | FSDP (8) | device map (8) |" in text

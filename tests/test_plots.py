@@ -47,7 +47,8 @@ def test_missing_matplotlib_logs_one_line_and_skips(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(plots, "_hint_logged", False)
     with caplog.at_level(logging.WARNING, logger="spinlearn.plots"):
         assert plots.plot_training_curve(_history(), tmp_path / "a.png") is None
-        assert plots.plot_outlier_profile({"l": {"max_median_ratio": 2.0, "kurtosis": 3.0}}, {}, tmp_path / "b.png") is None
+        profile = {"l": {"max_median_ratio": 2.0, "kurtosis": 3.0}}
+        assert plots.plot_outlier_profile(profile, {}, tmp_path / "b.png") is None
     assert [r.message for r in caplog.records] == [plots.INSTALL_HINT]
     assert "spinlearn[plots]" in plots.INSTALL_HINT
     assert not list(tmp_path.iterdir())
@@ -143,3 +144,25 @@ def test_log_to_wandb_offline(tmp_path, monkeypatch):
     assert wandb.run is None
     assert plots.log_to_wandb(metrics, {"training_curve": img}) is False
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_activation_profile_of_the_training_model_has_quantizers_off():
+    """On the wrapped training model (rotations attached, W4A4KV4 quantizers on) the profile is the folded
+    model's: the inputs are profiled unquantized, as the rotation leaves them."""
+    from spinlearn.fakequant import rotations_attached
+    from spinlearn.quant import QuantSettings
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+
+    blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = _outlier_model()
+    plan = prepare_model(model, "transformer_universal")
+    with rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0),
+                            quant=QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)):
+        wrapped = plots.activation_profile(model, blocks)
+    folded = _outlier_model()
+    rotate(folded, "transformer_universal", mode="hadamard", seed=0)
+    reference = plots.activation_profile(folded, blocks)
+    assert list(wrapped) == list(reference)
+    for n in reference:
+        assert wrapped[n]["max_median_ratio"] == pytest.approx(reference[n]["max_median_ratio"], rel=1e-4), n
+        assert wrapped[n]["kurtosis"] == pytest.approx(reference[n]["kurtosis"], rel=1e-3), n

@@ -4,6 +4,7 @@ wrapped model against the folded one, the SmoothQuant start against a numpy refe
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -176,3 +177,57 @@ def test_smoothquant_start_matches_a_numpy_reference():
     for key, ref in expected.items():
         np.testing.assert_allclose(got[key].numpy(), ref, rtol=2e-5)
     assert all(float(s.max() / s.min()) > 1.5 for s in got.values())  # non-trivial: not all ones
+
+
+# ------------------------------------------------------------------------------ end to end: the launch script
+from test_train_launch import IDS, assets, original_logits, overrides_for, rel_err, run_main  # noqa: E402,F401
+
+
+def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, CLIP_LOGITS_FILE, LOG_SCALES_FILE, SCALES_FILE
+
+    out = tmp_path / "out"
+    extra = {"rotation.learn_scales": "true", "rotation.scales_init": "smoothquant", "quant.learn_a_clip": "true"}
+    assert run_main(assets, overrides_for(out, **extra)) == 0
+    scales = load_file(out / SCALES_FILE)
+    assert len(scales) == 2 * 4 + 1  # per layer: 2 norms, v -> o, up -> down; and the final norm -> lm_head
+    assert all(s.dtype == torch.float64 and (s > 0).all() for s in scales.values())
+    clips = load_file(out / ACTIVATION_CLIPS_FILE)
+    assert len(clips) == 2 * 7 and all(0 < float(r) < 1 for r in clips.values())
+    assert (out / "checkpoint-2" / LOG_SCALES_FILE).is_file() and (out / "checkpoint-2" / CLIP_LOGITS_FILE).is_file()
+    fused = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    norm = fused.model.layers[0].input_layernorm.weight.double()
+    key = "model.layers.0.input_layernorm"
+    torch.testing.assert_close(norm, (1.0 / scales[key]).float().double(), rtol=0, atol=0)  # the scales are folded
+    with torch.no_grad():
+        assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ppl_quant_after"] > 1 and metrics["guard"] == {"kept": "learned"}
+
+
+def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.artifacts import SCALES_FILE
+    from spinlearn.job import RotationJob
+
+    real = RotationJob._ppl_fused
+
+    def worse(self, label):
+        real(self, label)
+        return self.metrics["ppl_quant_before"] * 1.5  # pretend learning hurt
+
+    monkeypatch.setattr(RotationJob, "_ppl_fused", worse)
+    out = tmp_path / "out"
+    extra = {"rotation.learn_scales": "true", "eval.guard": "true", "eval.baselines": "false", "train.max_steps": "2"}
+    assert run_main(assets, overrides_for(out, **extra)) == 0
+    assert json.loads((out / "metrics.json").read_text())["guard"]["kept"] == "start"
+    assert not (out / SCALES_FILE).exists()
+    fused = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    norms = [m.weight for n, m in fused.named_modules() if n.endswith("layernorm") or n == "model.norm"]
+    assert all(torch.allclose(w, torch.ones_like(w), atol=1e-6) for w in norms)  # weightless again: scales undone
+    with torch.no_grad():
+        assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4

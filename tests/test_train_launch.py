@@ -104,6 +104,11 @@ def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     overrides = overrides_for(out, **{"train.report_to": "[wandb]", "train.run_name": "e2e"})
+    from spinlearn import plots
+
+    logged, real_log = [], plots.log_to_wandb
+    monkeypatch.setattr(plots, "log_to_wandb", lambda metrics, images=None: logged.append(
+        {"written": real_log(metrics, images), "rows": dict(metrics["rows"])}) or logged[-1]["written"])
     assert run_main(assets, overrides) == 0
 
     # Rotations: every matrix, orthogonal, moved away from the random-Hadamard start.
@@ -150,6 +155,15 @@ def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
         assert (ckpt / ROTATIONS_FILE).is_file() and (ckpt / OPTIMIZER_FILE).is_file()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    # The results table reached the wandb run (it was still open: the summary was written).
+    assert logged and logged[0]["written"] and logged[0]["rows"] == metrics["rows"]
+
+    # The pictures (the `plots` extra, installed with `test`): a training curve and the outlier profile.
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    for name in ("training_curve.png", "outlier_profile.png"):
+        assert matplotlib.image.imread(out / name).shape[0] > 100, name
 
 
 def test_guard_keeps_the_start_when_learning_made_it_worse(assets, tmp_path, monkeypatch):

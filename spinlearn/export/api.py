@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..artifacts import MODEL_DIR, RECIPE_FILE, atomic_output_dir, atomic_write_text, check_output_dir
+from ..report import format_table
 from .compressed import checkpoint_tensors, quantization_config, write_checkpoint
 from .model_card import CardInfo, model_card
 from .schemes import ExportScheme, check_w_method, resolve_scheme
@@ -59,15 +60,38 @@ def check_export_inputs(scheme: ExportScheme, w_method: str, calib_blocks: Tenso
         raise ValueError(f"{needs} needs calibration data: pass --calib-data FILE (the train split) or calib_blocks")
 
 
-def export_model(model: nn.Module, scheme: str, output: str | Path, *, online: list[str] | None = None,
-                 w_method: str = "rtn", group_size: int | None = None, calib_blocks: Tensor | None = None,
-                 w_clip: bool = False, gptq_kwargs: dict | None = None, card: CardInfo | None = None,
-                 tokenizer_source: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True) -> Path:
-    """Export an in-memory fused float model (not modified: the work is done on a copy).
+def _recipe_settings(recipe) -> dict:
+    """What a resolved recipe says about an export: defaults for the keyword arguments of ``export_model``."""
+    from ..config import recipe_to_yaml
+
+    g = recipe.quant.gptq
+    return {"w_method": recipe.export.w_method or recipe.quant.w_method, "group_size": recipe.export.group_size,
+            "w_clip": bool(recipe.quant.w_clip), "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
+            "base_model": str(recipe.model.path),
+            "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
+
+
+def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: list[str] | None = None,
+                 recipe=None, w_method: str | None = None, group_size: int | None = None,
+                 calib_blocks: Tensor | None = None, w_clip: bool | None = None, gptq_kwargs: dict | None = None,
+                 card: CardInfo | None = None, tokenizer_source: str | Path | None = None,
+                 run_metrics: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Export an in-memory fused float model (not modified: the work is done on a copy) to ``output``.
 
     ``online``: names of the linears that get an online input Hadamard (``spinlearn.online.online_linears``);
-    their weights must not hold ``W H`` yet. Returns the output directory."""
+    their weights must not hold ``W H`` yet. ``recipe`` (a resolved recipe, at the end of a run) supplies the
+    defaults: ``export.w_method`` / ``quant.w_method``, ``export.group_size``, ``quant.w_clip``, the GPTQ settings
+    and ``quant.gptq.nsamples`` calibration windows; with it, schemes GPTQ does not apply to (nvfp4, float) use RTN.
+    ``run_metrics`` (the run's metrics dict) gives the model card its results table. Returns ``output``."""
+    rs = _recipe_settings(recipe) if recipe is not None else {}
+    w_method = w_method or rs.get("w_method") or "rtn"
+    if scheme in RTN_ONLY and (recipe is not None or scheme == "float"):
+        w_method = "rtn"
+    group_size = group_size if group_size is not None else rs.get("group_size")
+    w_clip = rs.get("w_clip", False) if w_clip is None else w_clip
+    gptq_kwargs = gptq_kwargs or rs.get("gptq_kwargs")
+    if calib_blocks is not None and "nsamples" in rs:
+        calib_blocks = calib_blocks[: rs["nsamples"]]
     s = resolve_scheme(scheme, group_size, w_clip=w_clip)
     check_export_inputs(s, w_method, calib_blocks)
     output = check_output_dir(output, overwrite)
@@ -76,26 +100,14 @@ def export_model(model: nn.Module, scheme: str, output: str | Path, *, online: l
     if s.quantized:
         check_group_widths(linears, s)
     card = card or CardInfo()
+    card.base_model, card.recipe = card.base_model or rs.get("base_model"), card.recipe or rs.get("recipe_text")
     card.w_method, card.notes = w_method, card.notes + serving_notes(linears, s)
+    if run_metrics is not None:
+        card.results = format_table(run_metrics)
     for note in card.notes:
         print(f"spinlearn export: note: {note}", file=sys.stderr)
-
-    work = copy.deepcopy(model).eval()
-    from ..online import fold_online
-
-    fold_online(work, online)
-    values = {}
-    if s.quantized:
-        from ..fakequant import wrap_model
-
-        hooks = wrap_model(work, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
-        try:
-            values = quantize_linears(work, list(linears), s, w_method=w_method, calib_blocks=calib_blocks,
-                                      gptq_kwargs=gptq_kwargs, progress=progress)
-        finally:
-            hooks.remove()
-    dtype = next(work.parameters()).dtype
-    tensors = checkpoint_tensors(work, values, s, transform_tensors(work, online, dtype))
+    values, work = _quantized_copy(model, s, linears, online, w_method, calib_blocks, gptq_kwargs, progress)
+    tensors = checkpoint_tensors(work, values, s, transform_tensors(work, online, next(work.parameters()).dtype))
     all_linears = [n for n, m in work.named_modules() if isinstance(m, nn.Linear)]
     qconfig = quantization_config(s, [n for n in all_linears if n not in linears]) if s.quantized else None
     tconfig = transform_config(online, all_linears)
@@ -103,6 +115,24 @@ def export_model(model: nn.Module, scheme: str, output: str | Path, *, online: l
         write_checkpoint(tmp, work, tensors, qconfig, tconfig, tokenizer_source)
         atomic_write_text(tmp / "README.md", model_card(card, s, online))
     return output
+
+
+def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blocks, gptq_kwargs, progress):
+    """A copy of ``model`` with ``W H`` folded into the online linears, and the export values of its linears."""
+    from ..fakequant import wrap_model
+    from ..online import fold_online
+
+    work = copy.deepcopy(model).eval()
+    fold_online(work, online)
+    if not s.quantized:
+        return {}, work
+    hooks = wrap_model(work, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
+    try:
+        values = quantize_linears(work, list(linears), s, w_method=w_method, calib_blocks=calib_blocks,
+                                  gptq_kwargs=gptq_kwargs, progress=progress)
+    finally:
+        hooks.remove()
+    return values, work
 
 
 def resolve_source(path: str | Path):
@@ -125,56 +155,37 @@ def export_run(run_dir: str | Path, scheme: str, output: str | Path, *, w_method
                group_size: int | None = None, calib_blocks: Tensor | None = None, overwrite: bool = False,
                progress: bool = True) -> Path:
     """Export a training run (``RUN/model`` + ``RUN/recipe.yaml``: online Hadamards from ``rotation.r4`` /
-    ``rotation.online``, ``quant.w_clip``, ``export.*`` defaults) or a plain model directory (no online transforms,
-    default quantizer settings). ``w_method`` None = the recipe's ``export.w_method`` / ``quant.w_method`` / rtn."""
+    ``rotation.online``, and the recipe's defaults, see ``export_model``) or a plain model directory (no online
+    transforms, default quantizer settings). Explicit ``w_method`` / ``group_size`` override the recipe."""
     from ..loading import load_causal_lm
     from ..online import online_linears
 
     model_dir, recipe, run = resolve_source(run_dir)
-    if w_method is None:
-        w_method = (recipe.export.w_method or recipe.quant.w_method) if recipe is not None else "rtn"
-    if group_size is None and recipe is not None:
-        group_size = recipe.export.group_size
-    s = resolve_scheme(scheme, group_size)
-    check_export_inputs(s, w_method, calib_blocks)
+    rs = _recipe_settings(recipe) if recipe is not None else {}
+    s = resolve_scheme(scheme, group_size if group_size is not None else rs.get("group_size"))
+    check_export_inputs(s, w_method or rs.get("w_method") or "rtn", calib_blocks)
     check_output_dir(output, overwrite)
     model = load_causal_lm(model_dir)
-    online, w_clip, gptq_kwargs, recipe_text = [], False, None, None
-    if recipe is not None:
-        from ..config import recipe_to_yaml
-
-        online = online_linears(model, recipe.rotation.online, recipe.rotation.r4)
-        w_clip = bool(recipe.quant.w_clip)
-        g = recipe.quant.gptq
-        gptq_kwargs = {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}
-        recipe_text = recipe_to_yaml(recipe)
-    card = CardInfo(base_model=str(recipe.model.path) if recipe is not None else str(model_dir),
-                    source=str(run or model_dir), recipe=recipe_text, run_dir=run)
-    return export_model(model, scheme, output, online=online, w_method=w_method, group_size=group_size,
-                        calib_blocks=calib_blocks, w_clip=w_clip, gptq_kwargs=gptq_kwargs, card=card,
-                        tokenizer_source=model_dir, overwrite=overwrite, progress=progress)
+    online = online_linears(model, recipe.rotation.online, recipe.rotation.r4) if recipe is not None else []
+    card = CardInfo(base_model=rs.get("base_model", str(model_dir)), source=str(run or model_dir),
+                    recipe=rs.get("recipe_text"), run_dir=run)
+    return export_model(model, output, scheme=scheme, online=online, recipe=recipe, w_method=w_method,
+                        group_size=group_size, calib_blocks=calib_blocks, card=card, tokenizer_source=model_dir,
+                        overwrite=overwrite, progress=progress)
 
 
 @torch.no_grad()
 def export_recipe_schemes(model: nn.Module, cfg, output_dir: str | Path, *, calib_blocks: Tensor | None = None,
-                          tokenizer_source: str | Path | None = None, progress: bool = True) -> list[Path]:
-    """What a training job calls at its end: ``output_dir/export-SCHEME/`` for every ``cfg.export.schemes`` entry,
-    from the fused float model (online Hadamards not folded) and the resolved recipe ``cfg``."""
+                          tokenizer_source: str | Path | None = None, run_metrics: dict | None = None,
+                          progress: bool = True) -> list[Path]:
+    """``output_dir/export-SCHEME/`` for every ``cfg.export.schemes`` entry, from the fused float model (online
+    Hadamards not folded) and the resolved recipe ``cfg`` (what a training job does at its end)."""
     from ..artifacts import EXPORT_DIR_PREFIX
-    from ..config import recipe_to_yaml
     from ..online import online_linears
 
     online = online_linears(model, cfg.rotation.online, cfg.rotation.r4)
-    g = cfg.quant.gptq
-    method = cfg.export.w_method or cfg.quant.w_method
-    outs = []
-    for scheme in cfg.export.schemes:
-        card = CardInfo(base_model=str(cfg.model.path), source=str(output_dir), recipe=recipe_to_yaml(cfg),
-                        run_dir=Path(output_dir))
-        outs.append(export_model(
-            model, scheme, Path(output_dir) / f"{EXPORT_DIR_PREFIX}{scheme}", online=online,
-            w_method="rtn" if scheme in RTN_ONLY else method, group_size=cfg.export.group_size,
-            calib_blocks=calib_blocks, w_clip=bool(cfg.quant.w_clip), card=card, tokenizer_source=tokenizer_source,
-            gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
-            overwrite=True, progress=progress))
-    return outs
+    return [export_model(model, Path(output_dir) / f"{EXPORT_DIR_PREFIX}{scheme}", scheme=scheme, online=online,
+                         recipe=cfg, calib_blocks=calib_blocks, tokenizer_source=tokenizer_source,
+                         run_metrics=run_metrics, card=CardInfo(source=str(output_dir), run_dir=Path(output_dir)),
+                         overwrite=True, progress=progress)
+            for scheme in cfg.export.schemes]

@@ -8,7 +8,8 @@ casts ``weight_scale`` to FP8 E4M3). ``config.json`` gets ``quantization_config`
 ``QuantizationConfig`` / ``TransformConfig`` through ``ModelCompressor.update_config``.
 
 The compressors recover the codes as ``round(weight / scale)``; ``weight`` is spinlearn's dequantized grid value
-(``scale * q``), so the codes are spinlearn's integers exactly.
+(``scale * q``), so the codes are spinlearn's integers exactly. Integer scales are stored in the model's dtype (as
+llm-compressor does): exact for float32 models; a bfloat16 model's scales are rounded to bfloat16 (relative 2^-9).
 """
 
 from __future__ import annotations

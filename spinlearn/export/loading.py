@@ -41,7 +41,9 @@ def is_export(path: str | Path) -> bool:
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    from ..artifacts import ROTATIONS_FILE
+
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != ROTATIONS_FILE)
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {str(path)!r}")
     out: dict[str, Tensor] = {}
@@ -104,13 +106,19 @@ def apply_online_transforms(model: nn.Module, tensors: dict[str, Tensor], qc: di
                 raise ValueError(f"transform group {group!r}: online output transforms are not supported by spinlearn")
             if args.location != "input":
                 continue  # weight_input / weight_output: already folded into the stored weights
+            suffix = f".{group}_{args.location}.weight"
+            # vLLM keeps one matrix per group and width: a checkpoint may store it once per width or per layer
+            shared = {t.shape[0]: t for k, t in tensors.items() if k.endswith(suffix)}
             for name, module in model.named_modules():
                 if isinstance(module, nn.Linear) and is_match(name, module, args.targets, args.ignore):
-                    key = f"{name}.{group}_{args.location}.weight"
-                    if key not in tensors:
-                        raise ValueError(f"transform {group!r} targets {name!r} but the checkpoint has no {key!r}")
-                    module.register_forward_pre_hook(_online_hook(tensors.pop(key)))
+                    matrix = tensors.get(name + suffix, shared.get(module.in_features))
+                    if matrix is None:
+                        raise ValueError(f"transform {group!r} targets {name!r} but the checkpoint has no "
+                                         f"{module.in_features}x{module.in_features} matrix '*{suffix}'")
+                    module.register_forward_pre_hook(_online_hook(matrix))
                     done.append(name)
+            for k in [k for k in tensors if k.endswith(suffix)]:
+                tensors.pop(k)
     return done
 
 

@@ -26,7 +26,8 @@ _SCHEME_TEXT = {
 @dataclass
 class CardInfo:
     """What the card reports: ``base_model`` (path or hub id), ``source`` (run or model directory), ``recipe``
-    (YAML text), ``run_dir`` (for results.md / metrics.json), ``w_method``, ``notes`` (serving warnings)."""
+    (YAML text), ``run_dir`` (for results.md / metrics.json) or ``results`` (the table itself), ``w_method``, ``notes``
+    (serving warnings)."""
 
     base_model: str | None = None
     source: str | None = None
@@ -34,9 +35,13 @@ class CardInfo:
     run_dir: Path | None = None
     w_method: str = "rtn"
     notes: list[str] = field(default_factory=list)
+    results: str | None = None  # a results table (Markdown) given directly, e.g. by a run that is still going
 
 
-def _results(run_dir: Path | None) -> str:
+def _results(info: CardInfo) -> str:
+    if info.results:
+        return info.results.strip()
+    run_dir = info.run_dir
     if run_dir is None:
         return ""
     if (run_dir / RESULTS_FILE).is_file():
@@ -61,8 +66,8 @@ def _transforms_section(online: list[str]) -> str:
     return (
         f"Online input Hadamards on {len(online)} linear layers ({shown}): their weights hold `W H` and the input "
         "must be multiplied by `H` at run time. This is declared in `quantization_config.transform_config` "
-        "(group `spinlearn_online`, type `random-hadamard`, the +-1 matrices stored as `<layer>.spinlearn_online_"
-        "input.weight`), which vLLM applies (dense GEMM; no tensor parallelism with online transforms). "
+        "(group `spinlearn_online`, type `random-hadamard`, the +-1 matrix stored once per width as `<layer>."
+        "spinlearn_online_input.weight`), which vLLM applies (dense GEMM; no tensor parallelism with online transforms). "
         "The Q/K Hadamard R3 is not exported: vLLM applies no query/key transforms; it is exact in float, so "
         "leaving it out only gives up its benefit to a quantized KV cache.\n"
     )
@@ -81,7 +86,7 @@ def model_card(info: CardInfo, scheme: ExportScheme, online: list[str]) -> str:
         + (f" Weights quantized with {method}, the same values spinlearn's evaluation measured." if scheme.quantized
            else "") + "\n",
         f"- base model: `{info.base_model or 'unknown'}`\n- exported from: `{info.source or 'unknown'}`\n",
-        "## Results of the run\n\n" + (_results(info.run_dir) or "No results table (exported from a model directory).")
+        "## Results of the run\n\n" + (_results(info) or "No results table (exported from a model directory).")
         + "\n",
         "## Online transforms\n\n" + _transforms_section(online),
         "## Serving\n\n```bash\npip install vllm\nvllm serve PATH_TO_THIS_DIRECTORY\n```\n\n"

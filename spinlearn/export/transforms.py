@@ -3,13 +3,14 @@
 A linear ``y = x W^T`` with an online input Hadamard is stored as ``W H`` (folded offline in float64) and
 declared with two ``TransformArgs`` of one group, as llm-compressor writes them: ``input`` (online, ``x -> x H``)
 and ``weight_input`` with ``inverse`` (the record that ``W H`` is already in the weight; loaders apply only the
-online half). The matrix is stored per target module as ``<module>.<GROUP>_input.weight`` = ``sqrt(n) H``, the
-unnormalized +-1 matrix; compressed-tensors and vLLM divide by ``sqrt(n)`` when they load it.
+online half). The matrix is stored as ``<module>.<GROUP>_input.weight`` = ``sqrt(n) H``, the unnormalized +-1
+matrix (compressed-tensors and vLLM divide by ``sqrt(n)`` when they load it), once per input width.
 
 Type ``random-hadamard``: vLLM uses the stored matrix through a dense GEMM for every type but ``hadamard``, whose
 CUDA kernel (hadacore) regenerates a Sylvester matrix and only exists for powers of two. A stored matrix serves
 every order spinlearn builds (12 * 2^m, 172 * 2^m, ...). ``randomize`` stays false: the stored matrix is the one.
-vLLM shares one matrix per group and size, so every module of one width must store the same H, which it does.
+vLLM shares one matrix per group and size, so every module of one width uses the same H, which is what spinlearn
+folds.
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ def transform_config(online: list[str], all_linears: list[str]):
 
 
 def transform_tensors(model: nn.Module, online: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """{``<module>.<GROUP>_input.weight``: +-1 Hadamard of the module's input width} for every online module."""
-    cache: dict[int, Tensor] = {}
+    """{``<module>.<GROUP>_input.weight``: +-1 Hadamard of its input width}, stored once per width, on the first
+    online module of that width. vLLM keeps one matrix per group and size (a global registry that every layer's
+    transform shares), so one copy loads them all; per layer, R4 on Llama-3-8B would add 32 x 14336^2 entries."""
     out = {}
     for n in online:
         width = model.get_submodule(n).in_features
-        if width not in cache:
-            cache[width] = stored_hadamard(width, dtype)
-        out[transform_weight_name(n)] = cache[width].clone()
+        if not any(t.shape[0] == width for t in out.values()):
+            out[transform_weight_name(n)] = stored_hadamard(width, dtype)
     return out
