@@ -160,7 +160,8 @@ def checkpointing_table(args) -> int:
         rows.append((seqlen, plain, ckpt))
         print(f"# seqlen {seqlen}: without {plain['median_s']:.3f} s {plain['peak_mb']:.0f} MiB, "
               f"with {ckpt['median_s']:.3f} s {ckpt['peak_mb']:.0f} MiB", flush=True)
-    print(f"\nLlama {rows[0][1]['params'] / 1e6:.1f}M params (hidden 256, 4 layers, vocab 32000), batch 1, "
+    layers = args.layers or MODEL["num_hidden_layers"]
+    print(f"\nLlama {rows[0][1]['params'] / 1e6:.1f}M params (hidden 256, {layers} layers, vocab 32000), batch 1, "
           f"{args.threads} thread(s), median of {args.repeats} steps; rotation step as in the main table. "
           "Peak = VmHWM of the measuring process.\n")
     print("| seqlen | rotation step | with checkpointing | time ratio | peak RSS | peak RSS with checkpointing "
@@ -309,7 +310,8 @@ def main(argv=None) -> int:
 
     params = next(iter(results.values()))["params"]
     online = "+".join(x for x, off in (("R3", args.no_r3), ("R4", args.no_r4)) if not off) or "no"
-    print(f"\nLlama {params / 1e6:.1f}M params (hidden 256, 4 layers, GQA 8/2 heads, vocab 32000), batch 1, "
+    layers = args.layers or MODEL["num_hidden_layers"]
+    print(f"\nLlama {params / 1e6:.1f}M params (hidden 256, {layers} layers, GQA 8/2 heads, vocab 32000), batch 1, "
           f"{args.threads} thread(s), median of {args.repeats} steps; rotation step = W4A4KV4, R1+R2 learned, "
           f"{online} online Hadamards, Cayley SGD. Peak = VmHWM of the measuring process.\n")
     print("| seqlen | float fwd+bwd | float fwd+bwd (emb grad only) | rotation step | time ratio | "

@@ -29,6 +29,7 @@ sharded; the job loads and prepares the frozen model again (the weights never ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -123,13 +124,16 @@ def _free_replaced(whole: list[nn.Parameter], model: nn.Module) -> None:
 def shard_for_training(trainer, bank: nn.Module) -> int:
     """Shard ``trainer.model`` (rotations attached, ``bank`` its only trainable parameters) and tell the Trainer
     the model is already distributed: no DDP wrap; the bank broadcast from rank 0 and its gradients averaged
-    over ranks by the Trainer. Call after the Trainer is built and before ``train()``."""
+    over ranks by the Trainer. Call after the Trainer is built and before ``train()``. Returns the number of
+    decoder-layer units (0 with a single process: nothing is sharded)."""
     if not hasattr(trainer, "_sync_replicated_trainable_parameters"):
         import transformers
 
         raise RuntimeError(f"FSDP needs a transformers Trainer that trains models sharded before it (transformers "
                            f"{transformers.__version__} has no Trainer._sync_replicated_trainable_parameters); "
                            "upgrade transformers or use DDP (accelerate_configs/8gpu_ddp.yaml)")
+    if trainer.args.world_size == 1:
+        return 0  # one process: nothing to shard over, the model trains whole
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     params = list(bank.parameters())
     if {id(p) for p in trainable} != {id(p) for p in params}:
@@ -137,31 +141,28 @@ def shard_for_training(trainer, bank: nn.Module) -> int:
     reshard = os.environ.get(RESHARD_ENV, "true").lower() != "false"
     units = shard_model(trainer.model, params, trainer.args.device, reshard_after_forward=reshard)
     trainer.is_distributed_loading_by_transformers = True
+    # Between the micro-batches of an accumulation window that Trainer path pauses FSDP's gradient reduction through
+    # the model config's ``distributed_config`` (set only by from_pretrained(distributed_config=...)). The frozen
+    # weights have no gradients to reduce, and the bank's averaging already waits for the window's last micro-batch.
+    trainer._defer_fsdp_gradient_reduction = contextlib.nullcontext
     return units
 
 
-def replicated_fingerprint(params) -> torch.Tensor:
-    """A position-weighted sum of the raw bits of ``params`` (int64): equal on two ranks iff (almost surely)
-    the tensors are bit-identical."""
-    total = torch.zeros((), dtype=torch.int64)
-    for p in params:
-        bits = p.detach().float().contiguous().view(torch.int32).reshape(-1).cpu().long()
-        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
-        total = total + (bits * weights).sum()
-    return total
-
-
 def check_replicated(params, what: str = "rotations") -> None:
-    """Raise if ``params`` are not bit-identical on every rank (compares fingerprints, a few bytes per rank)."""
+    """Raise on every rank if ``params`` are not bit-identical on all ranks: each rank compares its tensors with
+    rank 0's (one broadcast of the bank, a temporary copy of one tensor at a time), then the verdict is shared."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    mine = replicated_fingerprint(params)
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    gathered = [torch.zeros((), dtype=torch.int64, device=backend_device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine.to(backend_device))
-    values = [int(g) for g in gathered]
-    if len(set(values)) != 1:
-        raise RuntimeError(f"the {what} differ across ranks after training (fingerprints {values}): the ranks "
-                           "drifted apart; the run cannot be exported")
+    params = [p.detach() for p in params]
+    differ = 0
+    for p in params:
+        reference = p.clone()
+        dist.broadcast(reference, src=0)
+        differ += int(not torch.equal(reference, p))
+    verdict = torch.tensor([differ], dtype=torch.int64, device=params[0].device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if verdict.item():
+        raise RuntimeError(f"the {what} differ across ranks after training ({verdict.item()} of {len(params)} tensors "
+                           "on some rank differ from rank 0's): the ranks drifted apart; nothing is exported")

@@ -41,14 +41,13 @@ _MX_ELEM_EMAX = 2  # largest exponent of E2M1 (6 = 1.5 * 2^2)
 
 
 def round_e2m1(x: Tensor) -> Tensor:
-    """Round to the nearest E2M1 value (ties to even mantissa), saturating at +-6; same dtype as x."""
-    grid = torch.tensor(E2M1_VALUES, dtype=x.dtype, device=x.device)
-    mids = (grid[1:] + grid[:-1]) / 2
+    """Round to the nearest E2M1 value (ties to even mantissa), saturating at +-6; same dtype as x.
+
+    The grid has spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; ``torch.round`` (half to even) in units of that
+    spacing gives exactly the ties-to-even-mantissa rule (e.g. 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 5 -> 4)."""
     a = x.abs()
-    idx = torch.bucketize(a, mids)  # a == mids[j] -> j (the lower neighbour)
-    tie = (idx < len(mids)) & (a == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
-    idx = idx + tie.long()  # odd index = odd mantissa: a tie goes up to the even one
-    return torch.sign(x) * grid[idx]
+    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+    return torch.sign(x) * q.clamp(max=FP4_MAX)
 
 
 def nvfp4_global_scale(amax: Tensor) -> Tensor:

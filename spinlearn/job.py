@@ -186,6 +186,7 @@ class RotationJob:
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
             self.learned_scales = scales.scales() if scales is not None else None
             self.learned_clips = activation_clip_table(self.model) if cfg.quant.learn_a_clip else None
+            self._record_extras(scales)
             if self.fsdp:
                 from .distributed import check_replicated
 
@@ -289,6 +290,17 @@ class RotationJob:
             callbacks=self.callbacks or None,
         )
 
+    def _record_extras(self, scales) -> None:
+        """metrics.json: how many scale vectors / clip ratios were learned and their range."""
+        if scales is not None:
+            lo, hi = scales.range()
+            self.metrics["scales"] = {"vectors": len(scales.pairs), "init": self.cfg.rotation.scales_init,
+                                      "min": lo, "max": hi}
+        if self.learned_clips:
+            r = torch.stack(list(self.learned_clips.values())).double()
+            self.metrics["activation_clips"] = {"count": len(r), "min": r.min().item(), "mean": r.mean().item(),
+                                                "max": r.max().item()}
+
     def _scale_bank(self):
         """The learnable scales of every fusible pair, at 1 or at SmoothQuant's start (a few calibration blocks,
         rotated basis, start matrices)."""
@@ -296,7 +308,7 @@ class RotationJob:
         from .scales_fold import smoothquant_scales
 
         r = self.cfg.rotation
-        pairs = plan_scales(self.model, self.plan, log=self.main)
+        pairs = plan_scales(self.model, self.plan, log=self.main, head_quantized=self.quant.lm_head.enabled)
         init = None
         if r.scales_init == "smoothquant":
             init = smoothquant_scales(self.model, self.plan, self.start, pairs, self.blocks[:8], r.scales_alpha)
@@ -307,8 +319,8 @@ class RotationJob:
         from .distributed import shard_for_training
 
         units = shard_for_training(self.trainer, bank)
-        _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, rotations replicated",
-             self.main)
+        _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, rotations replicated"
+             if units else "FSDP2 with one process: nothing to shard, the model trains whole", self.main)
 
     def _reload_after_fsdp(self) -> None:
         """FSDP trained a sharded model whose frozen weights never changed: load and prepare them again, whole on

@@ -141,11 +141,15 @@ def _skipped(model: nn.Module, pairs: list[ScalePair]) -> dict[str, set[str]]:
     return out
 
 
-def plan_scales(model: nn.Module, plan, *, log: bool = True) -> list[ScalePair]:
+def plan_scales(model: nn.Module, plan, *, log: bool = True, head_quantized: bool = True) -> list[ScalePair]:
     """Every exactly fusible scale pair of a prepared model (``rotation_plan.prepare_model``), in model order;
-    skipped couples are logged once per reason."""
+    skipped couples are logged once per reason. ``head_quantized=False`` (lm_head left in float) drops the final
+    norm -> lm_head pair: nothing quantized would see it, so its gradient is rounding noise."""
     targets = addressable_targets(model, skip=(SCALES_ATTR, "spinlearn_rotations"))
     pairs = _norm_pairs(model, plan) + _v_o_pairs(plan, targets) + _up_down_pairs(model, targets)
+    if not head_quantized:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        pairs = [p for p in pairs if not all(targets[r].module is head for r in p.readers)]
     if log:
         for reason, classes in sorted(_skipped(model, pairs).items()):
             _log(f"scales: skipped {reason} (in {', '.join(sorted(classes))})")

@@ -90,9 +90,12 @@ def _stored_codes(d: dict, bits: int, shape) -> torch.Tensor:
 def test_nvfp4_export_decompresses_to_spinlearn_fp4(tmp_path):
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="blocks of 16 .* input width 344 of 'model.layers.0.mlp.down_proj'"):
+        export_model(tiny_model("llama"), tmp_path / "bad", scheme="nvfp4", calib_blocks=calib)
+    assert not (tmp_path / "bad").exists()
     model = tiny_model("llama", intermediate_size=192)  # NVFP4 blocks of 16: 344 = 172 * 2 would not do
     online = online_linears(model, None, True)
-    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     out = export_model(model, tmp_path / "nvfp4", scheme="nvfp4", online=online, calib_blocks=calib, progress=False)
     cfg, dec = _decompress(out)
     assert cfg["format"] == "nvfp4-pack-quantized"

@@ -23,7 +23,8 @@ from spinlearn.quant import QuantSettings
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_model("llama", initializer_range=0.1)
-    return model, online_linears(model, None, True), torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    return model, online_linears(model, None, True), ids
 
 
 @pytest.mark.parametrize("n", [64, 344, 192, 12 * 16])  # 2^m, 172*2, 12*16
@@ -104,3 +105,16 @@ def test_scheme_refusals_name_what_vllm_serves():
     s = resolve_scheme("w8a8")
     assert (s.quant.w.bits, s.quant.a.bits, s.quant.a.sym) == (8, 8, True)
     assert json.loads(resolve_scheme("nvfp4").ct_scheme(["Linear"]).model_dump_json())["weights"]["group_size"] == 16
+
+
+def test_serving_notes_name_layers_vllm_cpu_cannot_run(tiny):
+    from spinlearn.export import serving_notes
+    from spinlearn.export.weights import quantized_linears
+
+    model, _, _ = tiny  # MLP width 344: not a multiple of 32
+    notes = serving_notes(quantized_linears(model), resolve_scheme("w4a16", 8))
+    assert len(notes) == 1 and "multiples of 32" in notes[0] and "model.layers.0.mlp.gate_proj (64x344)" in notes[0]
+    assert "w8a8" in notes[0]  # what the user can do
+    assert serving_notes(quantized_linears(model), resolve_scheme("w8a8")) == []
+    odd = serving_notes(quantized_linears(tiny_model("llama", intermediate_size=96)), resolve_scheme("w4a16", 1))
+    assert any("even group size" in n for n in odd)

@@ -134,6 +134,8 @@ def test_gradients_reach_every_log_scale_and_gqa_shares_one_vector_per_kv_head()
         model(input_ids=ids, labels=ids).loss.backward()
     for key, p in bank.log_s.items():
         assert p.grad is not None and p.grad.abs().max() > 0, key
+    assert "model.norm" in bank.by_key  # lm_head is quantized only when asked: then its input scale counts
+    assert "model.norm" not in {p.key for p in plan_scales(model, plan, log=False, head_quantized=False)}
 
 
 def test_smoothquant_start_matches_a_numpy_reference():
@@ -193,7 +195,7 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
     extra = {"rotation.learn_scales": "true", "rotation.scales_init": "smoothquant", "quant.learn_a_clip": "true"}
     assert run_main(assets, overrides_for(out, **extra)) == 0
     scales = load_file(out / SCALES_FILE)
-    assert len(scales) == 2 * 4 + 1  # per layer: 2 norms, v -> o, up -> down; and the final norm -> lm_head
+    assert len(scales) == 2 * 4  # per layer: 2 norms, v -> o, up -> down (lm_head stays float: no final-norm scale)
     assert all(s.dtype == torch.float64 and (s > 0).all() for s in scales.values())
     clips = load_file(out / ACTIVATION_CLIPS_FILE)
     assert len(clips) == 2 * 7 and all(0 < float(r) < 1 for r in clips.values())
@@ -206,6 +208,8 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
         assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ppl_quant_after"] > 1 and metrics["guard"] == {"kept": "learned"}
+    assert metrics["scales"]["vectors"] == 8 and metrics["scales"]["init"] == "smoothquant"
+    assert metrics["activation_clips"]["count"] == 14 and 0 < metrics["activation_clips"]["min"] < 1
 
 
 def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, monkeypatch):

@@ -39,7 +39,8 @@ def exports(tmp_path_factory):
     rotate(model, "transformer_universal", mode="hadamard", seed=0)
     online = online_linears(model, None, True)
     for scheme in ("w4a16", "w8a8"):
-        export_model(model, root / scheme, scheme=scheme, online=online, tokenizer_source=DEMO / "model", progress=False)
+        export_model(model, root / scheme, scheme=scheme, online=online, tokenizer_source=DEMO / "model",
+                     progress=False)
     ids = tokenize_concat(load_text(str(DEMO / "data" / "test.txt"), split="test"), load_tokenizer(DEMO / "model"))
     torch.save(eval_windows(ids, 256)[:20], root / "windows.pt")
     return root

@@ -133,7 +133,8 @@ def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Mo
     path = Path(path)
     qc = export_config(path)
     if qc is None:
-        raise ValueError(f"{str(path)!r} is not a compressed-tensors checkpoint (no quantization_config in config.json)")
+        raise ValueError(f"{str(path)!r} is not a compressed-tensors checkpoint "
+                         "(no quantization_config in config.json)")
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config

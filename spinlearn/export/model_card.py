@@ -67,7 +67,8 @@ def _transforms_section(online: list[str]) -> str:
         f"Online input Hadamards on {len(online)} linear layers ({shown}): their weights hold `W H` and the input "
         "must be multiplied by `H` at run time. This is declared in `quantization_config.transform_config` "
         "(group `spinlearn_online`, type `random-hadamard`, the +-1 matrix stored once per width as `<layer>."
-        "spinlearn_online_input.weight`), which vLLM applies (dense GEMM; no tensor parallelism with online transforms). "
+        "spinlearn_online_input.weight`), which vLLM applies (dense GEMM; no tensor parallelism with online "
+        "transforms). "
         "The Q/K Hadamard R3 is not exported: vLLM applies no query/key transforms; it is exact in float, so "
         "leaving it out only gives up its benefit to a quantized KV cache.\n"
     )

@@ -54,6 +54,9 @@ def check_group_widths(linears: dict[str, nn.Linear], scheme: ExportScheme) -> N
             f"a divisor of {common}"
         n, w = bad[0]
         more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        if scheme.name == "nvfp4":
+            raise ValueError(f"nvfp4 quantizes blocks of 16 inputs, which do not divide the input width {w} of {n!r}"
+                             f"{more}: export this model as w4a16 or w8a8")
         raise ValueError(f"group size {g} does not divide the input width {w} of {n!r}{more}: use -1 (per channel) "
                          f"or {hint}")
 
