@@ -163,8 +163,9 @@ def _load(model_path_or_model, dtype):
         if is_export(path):  # compressed-tensors export: decompress and apply its online transforms
             model = load_export(path, dtype=dtype)
             info = model.spinlearn_export
+            acts = f"; {info['activations']} activation quantization applied" if info["activations"] else ""
             print(f"loaded export {path} ({info['format'] or 'float'}): weights decompressed with compressed-tensors, "
-                  f"online input transforms applied on {len(info['online'])} layers", file=sys.stderr)
+                  f"online input transforms applied on {len(info['online'])} layers{acts}", file=sys.stderr)
             return model, path
         return load_causal_lm(path, dtype=dtype), path
     except (ValueError, FileNotFoundError):

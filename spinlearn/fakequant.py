@@ -6,6 +6,8 @@ fake-quantizes it (STE); inputs of quantized linears are fake-quantized by forwa
 before each expert projection, inside ``quantized_experts_forward``); K and V are
 quantized (after RoPE, and after the online R3 Hadamard when on) inside a registered attention function.
 ``remove()`` restores the plain module structure so the fusion code can fold the learned matrices.
+Optionally learned beside the matrices: per-channel scales (a ``scales.ScaleBank``: norm-output hooks and the same
+parametrizations) and one activation clip ratio per linear input (``ActQuantizer(learn_clip=True)``).
 """
 
 from __future__ import annotations

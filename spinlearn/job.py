@@ -232,7 +232,8 @@ class RotationJob:
             self.learned, self.learned_scales, self.learned_clips = self.start, None, None
             self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
             self.metrics["ppl_quant_after"] = before
-            self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"] = before
+            del self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"]
+            self.metrics["rows"][f"{self.quant.name} RTN, learned rotation (guard: start kept)"] = before
         else:
             self.metrics["guard"] = {"kept": "learned"}
 

@@ -1,6 +1,7 @@
 """The Hugging Face Trainer subclass that learns the rotations.
 
-Only the RotationBank's Stiefel parameters are optimised; the model's weights are frozen. The loss is the
+Only the RotationBank's Stiefel parameters are optimised (plus, when given, the learned scales and activation clip
+logits, with Adam, through one ``optim.MultiOptimizer``); the model's weights are frozen. The loss is the
 causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) =
 sum_v p_teacher (log p_teacher - log p_student) per token (the usual distillation direction), the float
 teacher being the same wrapped model with its quantizers switched off (no second copy of the weights).

@@ -425,3 +425,40 @@ def json_roundtrip(obj):
     import json
 
     return json.loads(json.dumps(obj))
+
+
+def test_multi_optimizer_groups_are_the_inner_ones_and_its_state_continues_bit_exactly():
+    from spinlearn.optim import MultiOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    q0, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    s0 = torch.randn(5, generator=gen)
+    grads = [(torch.randn(6, 6, generator=gen), torch.randn(5, generator=gen)) for _ in range(4)]
+
+    def make():
+        q, s = torch.nn.Parameter(q0.clone()), torch.nn.Parameter(s0.clone())
+        return q, s, MultiOptimizer([CayleySGD([q], lr=0.1, momentum=0.9), torch.optim.Adam([s], lr=0.05)])
+
+    def step(q, s, opt, k):
+        opt.zero_grad()
+        ((q * grads[k][0]).sum() + (s * grads[k][1]).sum()).backward()
+        opt.step()
+
+    q1, s1, o1 = make()
+    for k in range(2):
+        step(q1, s1, o1, k)
+    tensors, meta = _flatten_optimizer_state(o1.state_dict())
+    saved = _unflatten_optimizer_state({k: v.clone() for k, v in tensors.items()}, meta)  # as if read from a file
+    q2, s2, o2 = make()
+    with torch.no_grad():
+        q2.copy_(q1), s2.copy_(s1)
+    o2.load_state_dict(saved)
+    assert o2.param_groups[1] is o2.optimizers[1].param_groups[0]  # a scheduler setting lr reaches Adam
+    for k in (2, 3):
+        step(q1, s1, o1, k)
+        step(q2, s2, o2, k)
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    o2.param_groups[1]["lr"] = 0.0
+    before = s2.detach().clone()
+    step(q2, s2, o2, 0)
+    assert torch.equal(s2, before) and not torch.equal(q2, q1)

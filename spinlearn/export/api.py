@@ -67,7 +67,7 @@ def _recipe_settings(recipe) -> dict:
     g = recipe.quant.gptq
     return {"w_method": recipe.export.w_method or recipe.quant.w_method, "group_size": recipe.export.group_size,
             "w_clip": bool(recipe.quant.w_clip), "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
-            "base_model": str(recipe.model.path),
+            "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
             "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
 
 
@@ -101,6 +101,7 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
         check_group_widths(linears, s)
     card = card or CardInfo()
     card.base_model, card.recipe = card.base_model or rs.get("base_model"), card.recipe or rs.get("recipe_text")
+    card.source = card.source or rs.get("source")
     card.w_method, card.notes = w_method, card.notes + serving_notes(linears, s)
     if run_metrics is not None:
         card.results = format_table(run_metrics)

@@ -3,7 +3,9 @@
 Weights are decompressed by compressed-tensors' own compressors (``scale * q``, NVFP4 ``q * s_b / g``), and every
 online transform of ``transform_config`` (location ``input``) is installed as a forward pre-hook
 ``x -> x V / sqrt(n)`` with the stored matrix V, the dense path vLLM takes. Offline records (``weight_input``)
-are already in the weights and are not applied again.
+are already in the weights and are not applied again. Then the inputs of the quantized linears are fake-quantized
+as the scheme declares (w8a8: int8 dynamic per token; nvfp4: with the stored static input global scales), so the
+model computes what vLLM computes, activations included.
 
 Plain ``AutoModelForCausalLM.from_pretrained`` on such a directory (transformers 5.x) decompresses the
 weights but ignores ``transform_config``: with online Hadamards it computes a different function. Use
@@ -52,8 +54,9 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     return out
 
 
-def _decompress(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> dict[str, Tensor]:
-    """Replace each quantized module's compressed tensors by its decompressed ``weight``."""
+def _decompress(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> list[str]:
+    """Replace (in ``tensors``) each quantized module's compressed tensors by its decompressed ``weight``; returns
+    the names of those modules."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils import is_match
@@ -61,8 +64,9 @@ def _decompress(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> dict[
     from .compressed import _eager
 
     if not qc.get("config_groups"):
-        return tensors  # float export: only transforms
+        return []  # float export: only transforms
     config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "transform_config"})
+    done = []
     for name, module in model.named_modules():
         prefix = f"{name}."
         local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
@@ -74,10 +78,12 @@ def _decompress(model: nn.Module, tensors: dict[str, Tensor], qc: dict) -> dict[
                 with _eager():
                     dec = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)
                 for k in local:
-                    tensors.pop(prefix + k)
+                    if k != "input_global_scale":  # read by apply_activation_quant
+                        tensors.pop(prefix + k)
                 tensors[prefix + "weight"] = dec["weight"]
+                done.append(name)
                 break
-    return tensors
+    return done
 
 
 def _online_hook(matrix: Tensor):
@@ -122,10 +128,42 @@ def apply_online_transforms(model: nn.Module, tensors: dict[str, Tensor], qc: di
     return done
 
 
-def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Module:
-    """A compressed-tensors export as an eval-mode float model: weights decompressed, online transforms hooked.
+_FORMAT_SCHEME = {"int-quantized": "w8a8", "nvfp4-pack-quantized": "nvfp4"}  # formats with activation quantization
 
-    ``model.spinlearn_export`` records {"format", "online": [module names]} for reports."""
+
+def apply_activation_quant(model: nn.Module, names: list[str], tensors: dict[str, Tensor], qc: dict) -> str | None:
+    """Fake-quantize the inputs of the quantized linears as the export declares (after the online transforms):
+    w8a8 int8 dynamic per token (symmetric), nvfp4 with each layer's static ``input_global_scale``. The spec is the
+    scheme's own (``schemes.resolve_scheme``). Returns the scheme name, or None for weight-only exports."""
+    from ..fp4 import nvfp4_qdq
+    from ..quant import quantize_activation
+    from .schemes import resolve_scheme
+
+    name = _FORMAT_SCHEME.get(qc.get("format"))
+    if name is None:
+        return None
+    spec = resolve_scheme(name).quant.a
+    scales = {k.removesuffix(".input_global_scale"): v for k, v in tensors.items() if k.endswith(".input_global_scale")}
+
+    def hook(g):
+        def fn(module, args):
+            x = args[0]
+            xq = nvfp4_qdq(x, global_scale=g).to(x.dtype) if g is not None else quantize_activation(x, spec)
+            return (xq, *args[1:])
+        return fn
+
+    for mod_name in names:
+        model.get_submodule(mod_name).register_forward_pre_hook(hook(scales.get(mod_name)))
+    for k in scales:
+        tensors.pop(f"{k}.input_global_scale", None)
+    return name
+
+
+def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Module:
+    """A compressed-tensors export as an eval-mode float model computing what vLLM serves: weights decompressed,
+    online transforms hooked, then the declared activation quantization (w8a8, nvfp4) hooked.
+
+    ``model.spinlearn_export`` records {"format", "online": [module names], "activations": scheme or None}."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..loading import parse_dtype
@@ -144,8 +182,10 @@ def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Mo
         saved = getattr(config, "dtype", None) or torch.float32
         torch_dtype = getattr(torch, saved) if isinstance(saved, str) else saved
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    tensors = _decompress(model, _read_tensors(path), qc)
+    tensors = _read_tensors(path)
+    quantized = _decompress(model, tensors, qc)
     online = apply_online_transforms(model, tensors, qc)
+    activations = apply_activation_quant(model, quantized, tensors, qc)
     state = {k: v.to(torch_dtype) if torch.is_floating_point(v) else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -155,5 +195,5 @@ def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Mo
                          f"unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.spinlearn_export = {"format": qc.get("format"), "online": online}
+    model.spinlearn_export = {"format": qc.get("format"), "online": online, "activations": activations}
     return model.eval()
