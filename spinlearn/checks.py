@@ -27,10 +27,28 @@ def check_job_inputs(cfg) -> str | None:
 
 
 def _check_layout(cfg) -> None:
-    """The layout resolves against the model's config (dims exist, are positive and fit) — no weights needed."""
+    """The layout resolves against the model's config (dims exist, are positive and fit); the online Hadamards and
+    the exports fit the model's layers (checked on the model built on the meta device) — no weights needed."""
     from transformers import AutoConfig
 
     from .layout import check_layout_for_config
+    from .loading import meta_model
+    from .online import online_linears
 
     config = AutoConfig.from_pretrained(str(Path(cfg.model.path)), trust_remote_code=cfg.model.trust_remote_code)
     check_layout_for_config(cfg.rotation.layout, config)
+    model = meta_model(config)
+    online_linears(model, cfg.rotation.online, cfg.rotation.r4)
+    _check_exports(cfg, model)
+
+
+def _check_exports(cfg, model) -> None:
+    """Every ``export.schemes`` entry is one vLLM serves, with a group size that divides every quantized width."""
+    from .export.schemes import GROUPED_SCHEMES, resolve_scheme
+    from .export.weights import check_group_widths, quantized_linears
+
+    for scheme in cfg.export.schemes:
+        group = cfg.export.group_size if scheme in GROUPED_SCHEMES else None
+        s = resolve_scheme(scheme, group, w_clip=bool(cfg.quant.w_clip))
+        if s.quantized:
+            check_group_widths(quantized_linears(model), s)

@@ -370,11 +370,8 @@ class RotationJob:
         from .export import export_model
 
         dest = self.staging / f"{artifacts.EXPORT_DIR_PREFIX}{scheme}"
-        e = self.cfg.export
-        export_model(self.model, dest, scheme=scheme, recipe=self.cfg, online=self.online,
-                     w_method=e.w_method or self.cfg.quant.w_method, group_size=e.group_size,
-                     calib_blocks=self.blocks, tokenizer_source=self.cfg.model.path, progress=self.main,
-                     run_metrics=self.metrics)
+        export_model(self.model, dest, scheme=scheme, recipe=self.cfg, online=self.online, calib_blocks=self.blocks,
+                     tokenizer_source=self.cfg.model.path, progress=self.main, run_metrics=self.metrics)
         _log(f"export {scheme}: {dest.name}/ (compressed-tensors)", self.main)
 
     def _gptq_row(self) -> None:
@@ -410,10 +407,10 @@ class RotationJob:
             from .plots import plot_outlier_profile, plot_training_curve
         except ImportError:
             return
-        written = {
-            "training_curve": plot_training_curve(self.trainer.state.log_history,
-                                                  self.staging / artifacts.TRAINING_CURVE_FILE),
-        }
+        written = {}
+        if any("loss" in e for e in self.trainer.state.log_history):  # none when max_steps < logging_steps
+            written["training_curve"] = plot_training_curve(self.trainer.state.log_history,
+                                                            self.staging / artifacts.TRAINING_CURVE_FILE)
         before, after = getattr(self, "profile_before", None), getattr(self, "profile_after", None)
         if before and after:
             written["outlier_profile"] = plot_outlier_profile(before, after,

@@ -165,3 +165,15 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     except OSError as e:  # no or unreadable tokenizer files: a user error, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"cannot load the tokenizer in {str(path)!r}: {first}") from e
+
+
+def meta_model(config):
+    """The model ``config`` describes, built on the ``meta`` device: every module and shape, no memory, no weights
+    (for checks and plans made before anything is loaded)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config)

@@ -168,13 +168,11 @@ def model_shape(config, layout: str = "transformer_universal") -> ModelShape:
     """Count ``config``'s model on the meta device and resolve ``layout`` on it (no memory, no weights).
     ``layout: auto`` is inferred by running a model, which the meta device cannot: AUTO_LAYOUT_STANDIN is
     counted instead (the same tensors are rotated for the families it covers)."""
-    import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config)
+    from .loading import meta_model
+
+    model = meta_model(config)
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight

@@ -28,7 +28,8 @@ def test_a_good_recipe_passes_and_returns_no_checkpoint(model_dir, tmp_path, mon
     assert check_job_inputs(recipe(model_dir, tmp_path / "out")) is None
 
 
-@pytest.mark.parametrize("case", ["seqlen", "layout_dim", "output_file", "resume_missing", "not_empty"])
+@pytest.mark.parametrize("case", ["seqlen", "layout_dim", "output_file", "resume_missing", "not_empty", "export_group",
+                                  "export_scheme", "online_width"])
 def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
     out = tmp_path / "out"
     extra: dict = {}
@@ -44,6 +45,14 @@ def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
     elif case == "resume_missing":
         extra = {"train.resume_from_checkpoint": tmp_path / "nowhere"}
         error, match = ValueError, r"train.resume_from_checkpoint: checkpoint .*nowhere.* does not exist"
+    elif case == "export_group":  # the tiny Llama's MLP is 344 wide: a group of 32 does not divide it
+        extra = {"export.schemes": "[w4a16]", "export.group_size": 32}
+        error, match = ValueError, r"group size 32 does not divide the input width 344 of 'model.layers.0.mlp.down_proj'"
+    elif case == "export_scheme":
+        extra, error, match = {"export.schemes": "[w4a4]"}, ValueError, r"export.schemes: each scheme must be one of"
+    elif case == "online_width":
+        extra = {"rotation.online": "[*mlp.wo]"}
+        error, match = ValueError, r"rotation.online: pattern '\*mlp.wo' matches no linear layer"
     else:
         out.mkdir()
         (out / "x").write_text("x")

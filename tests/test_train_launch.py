@@ -103,7 +103,8 @@ def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    overrides = overrides_for(out, **{"train.report_to": "[wandb]", "train.run_name": "e2e"})
+    overrides = overrides_for(out, **{"train.report_to": "[wandb]", "train.run_name": "e2e",
+                                      "export.schemes": "[float,w4a16]", "export.group_size": 8})
     from spinlearn import plots
 
     logged, real_log = [], plots.log_to_wandb
@@ -126,6 +127,24 @@ def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
     with torch.no_grad():
         assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
     assert (out / "model" / "tokenizer.json").is_file()
+
+    # Every export the run wrote, loaded by the format's own library (compressed-tensors, through spinlearn's
+    # loader, which applies the declared online R4 as vLLM does): the float export is the original model; the
+    # W4A16 one computes the fused model with RTN int4 weights (group 8) and the online R4.
+    from spinlearn.export import load_export
+    from spinlearn.fakequant import wrap_model
+    from spinlearn.online import online_linears
+    from spinlearn.quant import QuantSettings
+
+    with torch.no_grad():
+        assert rel_err(load_export(out / "export-float").eval()(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
+        w4 = load_export(out / "export-w4a16").eval()(input_ids=IDS).logits
+        handle = wrap_model(fused, quant=QuantSettings.from_flags(w_bits=4, w_groupsize=8),
+                            online=online_linears(fused, r4=True))
+        assert rel_err(w4, fused(input_ids=IDS).logits) <= 1e-4
+        handle.remove()
+        assert rel_err(w4, original_logits(assets)) > 1e-3  # the int4 weights are really there
+    assert (out / "export-w4a16" / "README.md").read_text().count("vllm serve") >= 1
 
     # One run, complete, nothing staged left behind; every file written with the same (umask-respecting) mode.
     marker = json.loads((out / RUN_MARKER).read_text())

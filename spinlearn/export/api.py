@@ -20,7 +20,7 @@ from ..artifacts import MODEL_DIR, RECIPE_FILE, atomic_output_dir, atomic_write_
 from ..report import format_table
 from .compressed import checkpoint_tensors, quantization_config, write_checkpoint
 from .model_card import CardInfo, model_card
-from .schemes import ExportScheme, check_w_method, resolve_scheme
+from .schemes import GROUPED_SCHEMES, ExportScheme, check_w_method, resolve_scheme
 from .transforms import transform_config, transform_tensors
 from .weights import check_group_widths, quantize_linears, quantized_linears
 
@@ -87,7 +87,8 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     w_method = w_method or rs.get("w_method") or "rtn"
     if scheme in RTN_ONLY and (recipe is not None or scheme == "float"):
         w_method = "rtn"
-    group_size = group_size if group_size is not None else rs.get("group_size")
+    if group_size is None and scheme in GROUPED_SCHEMES:  # the recipe's group size is for the int4 schemes
+        group_size = rs.get("group_size")
     w_clip = rs.get("w_clip", False) if w_clip is None else w_clip
     gptq_kwargs = gptq_kwargs or rs.get("gptq_kwargs")
     if calib_blocks is not None and "nsamples" in rs:

@@ -22,6 +22,7 @@ from ..choices import EXPORT_SCHEMES, WEIGHT_METHODS
 from ..quant import QuantSettings
 
 DEFAULT_W4_GROUP = 128  # llm-compressor's W4A16 preset and vLLM's usual group
+GROUPED_SCHEMES = ("w4a16",)  # the schemes a weight group size applies to (nvfp4's groups of 16 are fixed)
 SERVED = "w4a16 (int4 weights), w8a8 (int8 weights and activations), nvfp4 (W4A4 in NVIDIA FP4) or float"
 # Scheme names users may try that vLLM cannot run, and why.
 _UNSERVABLE = {
