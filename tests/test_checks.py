@@ -29,7 +29,7 @@ def test_a_good_recipe_passes_and_returns_no_checkpoint(model_dir, tmp_path, mon
 
 
 @pytest.mark.parametrize("case", ["seqlen", "layout_dim", "output_file", "resume_missing", "not_empty", "export_group",
-                                  "export_scheme", "online_width"])
+                                  "online_width"])
 def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
     out = tmp_path / "out"
     extra: dict = {}
@@ -48,8 +48,6 @@ def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
     elif case == "export_group":  # the tiny Llama's MLP is 344 wide: a group of 32 does not divide it
         extra = {"export.schemes": "[w4a16]", "export.group_size": 32}
         error, match = ValueError, r"group size 32 does not divide the input width 344 of 'model.layers.0.mlp.down_proj'"
-    elif case == "export_scheme":
-        extra, error, match = {"export.schemes": "[w4a4]"}, ValueError, r"export.schemes: each scheme must be one of"
     elif case == "online_width":
         extra = {"rotation.online": "[*mlp.wo]"}
         error, match = ValueError, r"rotation.online: pattern '\*mlp.wo' matches no linear layer"
@@ -60,3 +58,10 @@ def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
     with pytest.raises(error, match=match) as info:
         check_job_inputs(recipe(model_dir, out, **extra))
     assert "\n" not in str(info.value)
+
+
+def test_an_export_scheme_vllm_cannot_serve_is_refused_by_the_recipe(model_dir, tmp_path):
+    from spinlearn.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"export.schemes: each scheme must be one of w4a16 \| w8a8 \| nvfp4 \| float"):
+        recipe(model_dir, tmp_path / "out", **{"export.schemes": "[w4a4]"})
