@@ -49,7 +49,7 @@ def test_each_bad_input_is_one_clear_error(case, model_dir, tmp_path):
         extra = {"export.schemes": "[w4a16]", "export.group_size": 32}
         error, match = ValueError, r"group size 32 does not divide the input width 344 of 'model.layers.0.mlp.down_proj'"
     elif case == "online_width":
-        extra = {"rotation.online": "[*mlp.wo]"}
+        extra = {"rotation.online": "['*mlp.wo']"}
         error, match = ValueError, r"rotation.online: pattern '\*mlp.wo' matches no linear layer"
     else:
         out.mkdir()
