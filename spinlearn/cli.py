@@ -136,6 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_setting(
         args.model, windows, rotation=args.rotation, quant=quant, w_method=args.w_method, calib_blocks=calib,
         rotations_file=args.rotations, layout=args.layout, seed=args.seed, r3=args.r3, r4=args.r4,
+        online=[g.strip() for g in args.online.split(",") if g.strip()] if args.online else None,
         dtype=args.dtype, batch_size=args.batch_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
         task_limit=args.task_limit,
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layout", default="transformer_universal", help="layout for --rotation hadamard / --rotations")
     e.add_argument("--r3", action="store_true", help="online Hadamard on queries/keys after RoPE")
     e.add_argument("--r4", action="store_true", help="online Hadamard before down_proj (folded into its weight)")
+    e.add_argument("--online", default=None,
+                   help="online input Hadamards on these linears: comma-separated module globs, or 'all' "
+                        "(every linear but lm_head; Brevitas's layerwise mode); --r4 is the down_proj set")
     e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")
