@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     from spinlearn.data import calibration_blocks, eval_windows, load_text, tokenize_concat
     from spinlearn.evaluate import evaluate_setting
     from spinlearn.loading import load_tokenizer
-    from spinlearn.quant import QuantSpec
     from spinlearn.report import format_table
     from spinlearn.quant import QuantSettings
 
@@ -52,8 +51,8 @@ def main(argv=None) -> int:
     if args.calib_data:
         ids = tokenize_concat(load_text(args.calib_data, split="train"), tok)
         calib = calibration_blocks(ids, args.nsamples, args.seqlen, args.seed)
-    q = QuantSettings(w=QuantSpec(args.w_bits), a=QuantSpec(args.a_bits, sym=False), kv=QuantSpec(args.kv_bits, sym=False))
-    qname = f"W{args.w_bits}A{args.a_bits}KV{args.kv_bits}"
+    q = QuantSettings.from_flags(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits)
+    qname = q.name
     rows = {}
 
     def row(label, model, **kw):
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
         learned_model = str(Path(args.learned) / "model")
         row(f"{qname} RTN, learned rotation", learned_model, rotation="learned", quant=q)
         if calib is not None:
-            a16 = QuantSettings(w=QuantSpec(args.w_bits))
+            a16 = QuantSettings.from_flags(w_bits=args.w_bits)
             row(f"W{args.w_bits}A16 GPTQ, learned rotation", learned_model, rotation="learned", quant=a16,
                 w_method="gptq", calib_blocks=calib)
     table = format_table({"model": args.model, "rows": rows})

@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spinlearn.evaluate import evaluate_setting
-    from spinlearn.quant import QuantSpec
     from spinlearn.quant import QuantSettings
 
     path = args.model or demo_model_dir()
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         result = {"model": str(path), "split": args.split, "tokens": windows.numel(), "bits": [w, a, kv],
                   "stats": activation_stats(model, windows[:8])}
-    q = QuantSettings(w=QuantSpec(w), a=QuantSpec(a, sym=False), kv=QuantSpec(kv, sym=False))
+    q = QuantSettings.from_flags(w_bits=w, a_bits=a, kv_bits=kv)
 
     def row(rotation, quant, **kw):
         fresh = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device)

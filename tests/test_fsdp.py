@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from spinlearn import distributed
 from spinlearn.artifacts import ROTATIONS_FILE
-from test_train_launch import (  # noqa: F401  (assets is a fixture)
+from test_job import (  # noqa: F401  (assets is a fixture)
     IDS,
     ROOT,
     _free_port,

@@ -182,7 +182,7 @@ def test_smoothquant_start_matches_a_numpy_reference():
 
 
 # ------------------------------------------------------------------------------ end to end: the launch script
-from test_train_launch import IDS, assets, original_logits, overrides_for, rel_err, run_main  # noqa: E402,F401
+from test_job import IDS, assets, original_logits, overrides_for, rel_err, run_main  # noqa: E402,F401
 
 
 def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_path):

@@ -436,3 +436,21 @@ def test_two_process_ddp_ranks_agree_and_match_one_process_with_the_same_global_
     moved = max((single[k].double() - init[k]).abs().max().item() for k in init)
     print(f"DDP vs one process: max diff {diff:.2e}; moved from init {moved:.2e}")
     assert moved > 1e-3 and moved > 30 * diff
+
+
+def test_the_jobs_gptq_keeps_the_recipes_mse_clip_search(assets, tmp_path, monkeypatch):
+    """W16A4KV4 recipes (quant.w_method gptq, quant.w_clip true): the job's GPTQ gets the clip search, 4-bit weights
+    and the recipe's activations/KV, from the same mapping `spinlearn eval` uses (QuantSettings)."""
+    import spinlearn.evaluate as evaluate_mod
+
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_setting",
+                        lambda model, windows, **kw: seen.append(kw) or {"ppl": 1.0, "settings": {}})
+    out = tmp_path / "out"
+    overrides = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4,
+                 "train.max_steps": 1}
+    assert run_main(assets, overrides_for(out, **overrides)) == 0
+    (kw,) = [k for k in seen if k.get("w_method") == "gptq"]
+    q = kw["quant"]
+    assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, True, 4, 4)
+    assert "W4A4KV4 GPTQ, learned rotation" in json.loads((out / "metrics.json").read_text())["rows"]
