@@ -230,30 +230,7 @@ def _add_recipes_parser(sub) -> None:
     cp.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinlearn", description="Learn and fold rotations for LLM quantization.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("rotate", help="fold data-free R1/R2 rotations into a Hugging Face model")
-    r.add_argument("--model", required=True, help="local Hugging Face model directory")
-    r.add_argument("--layout", default="transformer_universal",
-                   help="shipped layout name, a YAML path, or auto (inferred from the model)")
-    r.add_argument("--output", required=True, help="output directory (a plain HF model directory)")
-    r.add_argument("--mode", choices=ROTATION_MODES, default=None,
-                   help="override every matrix's mode (default: the layout's)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
-    r.add_argument("--device", default=None, help="where to do the math, e.g. cuda (default: cpu)")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    r.add_argument("--trust-remote-code", action="store_true")
-    r.add_argument("--no-verify", action="store_true", help="skip the before/after logits check")
-    r.set_defaults(func=_cmd_rotate)
-
-    t = sub.add_parser("train", help="learn rotations from a recipe (same as launch/train_rotations.py, one process)")
-    t.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
-    t.set_defaults(func=_cmd_train)
-
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity of a model under a rotation and W/A/KV quantization setting")
     e.add_argument("--model", required=True, help="local Hugging Face model directory (plain, rotated or exported)")
     e.add_argument("--data", required=True, help="evaluation text: .txt/.json/.jsonl/.parquet file or glob, or "
@@ -290,6 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline only with task data already cached)")
     e.add_argument("--task-limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
     e.set_defaults(func=_cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinlearn", description="Learn and fold rotations for LLM quantization.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("rotate", help="fold data-free R1/R2 rotations into a Hugging Face model")
+    r.add_argument("--model", required=True, help="local Hugging Face model directory")
+    r.add_argument("--layout", default="transformer_universal",
+                   help="shipped layout name, a YAML path, or auto (inferred from the model)")
+    r.add_argument("--output", required=True, help="output directory (a plain HF model directory)")
+    r.add_argument("--mode", choices=ROTATION_MODES, default=None,
+                   help="override every matrix's mode (default: the layout's)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
+    r.add_argument("--device", default=None, help="where to do the math, e.g. cuda (default: cpu)")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    r.add_argument("--trust-remote-code", action="store_true")
+    r.add_argument("--no-verify", action="store_true", help="skip the before/after logits check")
+    r.set_defaults(func=_cmd_rotate)
+
+    t = sub.add_parser("train", help="learn rotations from a recipe (same as launch/train_rotations.py, one process)")
+    t.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
+    t.set_defaults(func=_cmd_train)
+
+    _add_eval_parser(sub)
 
     _add_recipes_parser(sub)
     _add_plan_parser(sub)

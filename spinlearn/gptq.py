@@ -116,54 +116,24 @@ def gptq_quantize_weight(
     ``scale * (q - zero)`` with integer q (an export stores q and these); None when act_order without
     static_groups makes the groups non-contiguous.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"gptq_quantize_weight expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    n_out, n_in = weight.shape
-    if hessian.shape != (n_in, n_in):
-        raise ValueError(
-            f"hessian has shape {tuple(hessian.shape)}, expected ({n_in}, {n_in}) for a weight of {tuple(weight.shape)}"
-        )
-    if block_size <= 0:
-        raise ValueError(f"block_size={block_size} must be positive (128 is the usual choice)")
-    if percdamp < 0:
-        raise ValueError(f"percdamp={percdamp} must be >= 0 (0.01 is the usual choice)")
+    _check_gptq_inputs(weight, hessian, spec, block_size, percdamp, static_groups)
     if not spec.enabled:
         return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0}
-    group = spec.group_size
-    if group > 0 and n_in % group != 0:
-        raise ValueError(f"QuantSpec group_size={group} does not divide in_features {n_in}: use a divisor of {n_in}")
-    if static_groups and group <= 0:
-        raise ValueError("static_groups=True needs a QuantSpec with group_size > 0")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("GPTQ: the Hessian contains NaN or inf (check the calibration inputs)")
-
+    n_in, group = weight.shape[1], spec.group_size
     qmin, qmax = qrange(spec.bits, spec.sym)
     clip, mse = float(spec.clip_ratio), spec.mse_clip
 
     def params(cols: Tensor) -> tuple[Tensor, Tensor]:
         return find_qparams(cols, spec.bits, spec.sym, clip, mse)
 
-    w = weight.detach().to(compute_dtype).clone()
-    h = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()
+    w, h, dead = _without_dead_columns(weight, hessian, compute_dtype)
 
-    # A column whose input is always zero has no influence: zero it and give H a unit diagonal there.
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    scale = zero = None
-    if group <= 0:
-        scale, zero = params(w)
-    static_params: list[tuple[Tensor, Tensor]] = []
-    if static_groups:
-        static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)]
-
+    scale, zero = params(w) if group <= 0 else (None, None)
+    static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)] if static_groups else []
     group_params: list[tuple[Tensor, Tensor]] = []
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
 
     hinv, damp = _inverse_hessian_cholesky(h, percdamp)
     q_all = torch.zeros_like(w)
@@ -199,6 +169,41 @@ def gptq_quantize_weight(
     stats = {"error": losses.sum().item(), "damp": damp, "dead_columns": int(dead.sum().item()),
              **_grid_params(scale, zero, static_params or ([] if perm is not None else group_params), group)}
     return q_all.to(weight.dtype), stats
+
+
+def _check_gptq_inputs(weight: Tensor, hessian: Tensor, spec: QuantSpec, block_size: int, percdamp: float,
+                       static_groups: bool) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"gptq_quantize_weight expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n_in = weight.shape[1]
+    if hessian.shape != (n_in, n_in):
+        raise ValueError(
+            f"hessian has shape {tuple(hessian.shape)}, expected ({n_in}, {n_in}) for a weight of {tuple(weight.shape)}"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive (128 is the usual choice)")
+    if percdamp < 0:
+        raise ValueError(f"percdamp={percdamp} must be >= 0 (0.01 is the usual choice)")
+    if not spec.enabled:
+        return
+    group = spec.group_size
+    if group > 0 and n_in % group != 0:
+        raise ValueError(f"QuantSpec group_size={group} does not divide in_features {n_in}: use a divisor of {n_in}")
+    if static_groups and group <= 0:
+        raise ValueError("static_groups=True needs a QuantSpec with group_size > 0")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("GPTQ: the Hessian contains NaN or inf (check the calibration inputs)")
+
+
+def _without_dead_columns(weight: Tensor, hessian: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Working copies of W and H. A column whose input is always zero has no influence: it is zeroed and H gets
+    a unit diagonal there. Returns (w, h, dead column mask)."""
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(device=w.device, dtype=dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h, dead
 
 
 def _grid_params(scale, zero, groups: list[tuple[Tensor, Tensor]], group: int) -> dict:
@@ -335,16 +340,7 @@ def gptq_quantize_model(
     Returns {linear name: GPTQ's estimate of the added loss}. A dict passed as ``qparams`` receives
     {linear name: (scale, zero)} of each result's grid (see ``gptq_quantize_weight``'s "scale").
     """
-    if calib_blocks is None or calib_blocks.numel() == 0:
-        raise ValueError(
-            "GPTQ needs calibration data: pass calib_blocks as a LongTensor [nsamples, seqlen] of token ids "
-            "(CLI: --calib-data FILE)"
-        )
-    if calib_blocks.dim() != 2 or calib_blocks.dtype != torch.long:
-        raise ValueError(
-            "calib_blocks must be a LongTensor [nsamples, seqlen], "
-            f"got {calib_blocks.dtype} {tuple(calib_blocks.shape)}"
-        )
+    _check_calib_blocks(calib_blocks)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
     if not linears:
         raise ValueError(f"gptq_quantize_model: no nn.Linear left to quantize (skip={tuple(skip)})")
@@ -359,28 +355,7 @@ def gptq_quantize_model(
     found = _decoder_layers(model)
     done: set[str] = set()
     if found is not None:
-        prefix, layers = found
-        bar = tqdm(total=len(layers), desc="gptq", disable=not progress)
-        inputs, calls = _layer_inputs(model, layers, blocks)
-        for i, layer in enumerate(layers):
-            lin = {n: linears[f"{prefix}.{i}.{n}"] for n, _ in layer.named_modules() if f"{prefix}.{i}.{n}" in linears}
-            call = calls[i]
-
-            def run(call=call):
-                for x in inputs:
-                    call(x)
-
-            for group in _call_groups(layer, lin, lambda call=call: call(inputs[0])):
-                local: dict[str, float] = {}
-                local_q: dict | None = {} if qparams is not None else None
-                _quantize_group(group, lin, run, spec, local, gptq_kw, local_q)
-                stats.update({f"{prefix}.{i}.{n}": e for n, e in local.items()})
-                if qparams is not None:
-                    qparams.update({f"{prefix}.{i}.{n}": v for n, v in local_q.items()})
-            done.update(f"{prefix}.{i}.{n}" for n in lin)
-            inputs = [_first_output(call(x)) for x in inputs]  # what the next layer sees, quantized
-            bar.update(1)
-        bar.close()
+        done = _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress)
     rest = {n: m for n, m in linears.items() if n not in done}
     if rest:
 
@@ -391,6 +366,48 @@ def gptq_quantize_model(
         _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw, qparams)
     model.train(was_training)
     return stats
+
+
+def _check_calib_blocks(calib_blocks: Tensor | None) -> None:
+    if calib_blocks is None or calib_blocks.numel() == 0:
+        raise ValueError(
+            "GPTQ needs calibration data: pass calib_blocks as a LongTensor [nsamples, seqlen] of token ids "
+            "(CLI: --calib-data FILE)"
+        )
+    if calib_blocks.dim() != 2 or calib_blocks.dtype != torch.long:
+        raise ValueError(
+            "calib_blocks must be a LongTensor [nsamples, seqlen], "
+            f"got {calib_blocks.dtype} {tuple(calib_blocks.shape)}"
+        )
+
+
+def _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress) -> set[str]:
+    """The decoder layers in order, each on the inputs the already-quantized layers before it produce; inside a
+    layer the linears sharing one input together. Returns the names of the linears done."""
+    prefix, layers = found
+    done: set[str] = set()
+    bar = tqdm(total=len(layers), desc="gptq", disable=not progress)
+    inputs, calls = _layer_inputs(model, layers, blocks)
+    for i, layer in enumerate(layers):
+        lin = {n: linears[f"{prefix}.{i}.{n}"] for n, _ in layer.named_modules() if f"{prefix}.{i}.{n}" in linears}
+        call = calls[i]
+
+        def run(call=call):
+            for x in inputs:
+                call(x)
+
+        for group in _call_groups(layer, lin, lambda call=call: call(inputs[0])):
+            local: dict[str, float] = {}
+            local_q: dict | None = {} if qparams is not None else None
+            _quantize_group(group, lin, run, spec, local, gptq_kw, local_q)
+            stats.update({f"{prefix}.{i}.{n}": e for n, e in local.items()})
+            if qparams is not None:
+                qparams.update({f"{prefix}.{i}.{n}": v for n, v in local_q.items()})
+        done.update(f"{prefix}.{i}.{n}" for n in lin)
+        inputs = [_first_output(call(x)) for x in inputs]  # what the next layer sees, quantized
+        bar.update(1)
+    bar.close()
+    return done
 
 
 def _layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: Tensor) -> tuple[list[Tensor], list]:
