@@ -127,7 +127,7 @@ class QuantConfig:
     a_sym: bool = False
     a_clip: float = 1.0  # clip ratio for activations
     learn_a_clip: bool = False  # learn one clip ratio per linear input (sigmoid; starts at a_clip, or 0.99 when 1)
-    a_clip_lr: float = 0.01  # Adam learning rate of the clip logits (learn_a_clip)
+    a_clip_lr: float = 0.1  # Adam learning rate of the clip logits (learn_a_clip; 0.01 barely moves them, demo)
     a_groupsize: int = -1  # -1 = per token
     kv_sym: bool = False
     kv_groupsize: int = -1  # -1 = per head
