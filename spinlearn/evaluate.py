@@ -131,7 +131,25 @@ def apply_rotations_file(
                     "(biased norms) stays exact only with such a residual rotation"
                 )
     fold_rotations(plan.placements, {k: v.double() for k, v in matrices.items()}, plan.layout.use_float64)
+    _fold_sibling_scales(model, plan, Path(path))
     return matrices
+
+
+def _fold_sibling_scales(model: nn.Module, plan, rotations_path: Path) -> None:
+    """A run that learned scales wrote them beside its rotations (``scales.safetensors``; a checkpoint: the log-scales):
+    they belong to the same transform and are folded after the rotations."""
+    from .artifacts import LOG_SCALES_FILE, SCALES_FILE, load_rotations
+    from .scales_fold import fold_scales
+
+    if (rotations_path.parent / SCALES_FILE).is_file():
+        scales = {k: v.double() for k, v in load_rotations(rotations_path.parent / SCALES_FILE).items()}
+    elif (rotations_path.parent / LOG_SCALES_FILE).is_file():
+        scales = {k: v.double().exp() for k, v in load_rotations(rotations_path.parent / LOG_SCALES_FILE).items()}
+    else:
+        return
+    print(f"spinlearn: folding the learned scales found beside {rotations_path.name} ({len(scales)} vectors)",
+          file=sys.stderr)
+    fold_scales(model, plan, scales)
 
 
 # --------------------------------------------------------------------------------------------- one setting

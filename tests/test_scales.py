@@ -235,3 +235,19 @@ def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, mon
     assert all(torch.allclose(w, torch.ones_like(w), atol=1e-6) for w in norms)  # weightless again: scales undone
     with torch.no_grad():
         assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
+
+
+def test_a_rotations_file_with_scales_beside_it_folds_both(tmp_path):
+    """`spinlearn eval --rotations FILE` on a plain model: the scales a run saved beside its rotations are part of
+    the same transform; folding the file gives the same weights as the run's own fold."""
+    from spinlearn.artifacts import SCALES_FILE, save_rotations
+    from spinlearn.evaluate import apply_rotations_file
+
+    original = tiny_model("llama", dtype=torch.float64)
+    expected, _, matrices, _, scales = _fused(original, "llama")
+    save_rotations(matrices, tmp_path / "rotations.safetensors")
+    save_rotations(scales, tmp_path / SCALES_FILE)
+    got = copy.deepcopy(original)
+    apply_rotations_file(got, tmp_path / "rotations.safetensors")
+    for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-12), name
