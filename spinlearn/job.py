@@ -105,14 +105,15 @@ class RotationJob:
         from .distributed import claim_fsdp_request
 
         self.fsdp = claim_fsdp_request()  # before accelerate sees it: spinlearn shards the model (distributed.py)
-        if self.fsdp and (self.cfg.rotation.learn_scales or self.cfg.quant.learn_a_clip):
-            raise ValueError("rotation.learn_scales / quant.learn_a_clip are not supported with FSDP yet (only the "
-                             "rotations are kept replicated there): use DDP, or turn them off")
         # A PartialState made before TrainingArguments would describe a single process in which every rank is
         # "main" and all of them would write the outputs at once.
         self.args = TrainingArguments(**training_arguments_kwargs(self.cfg))
         self.state = PartialState()
         self.main = self.state.is_main_process
+        extras = self.cfg.rotation.learn_scales or self.cfg.quant.learn_a_clip
+        if self.fsdp and self.state.num_processes > 1 and extras:
+            raise ValueError("rotation.learn_scales / quant.learn_a_clip are not supported with FSDP yet (only the "
+                             "rotations are kept replicated there): use DDP, or turn them off")
         self.metrics["device"] = str(self.state.device)
         if self.main:
             rundir.start_run(self.out, resuming=self.resume is not None)

@@ -128,7 +128,8 @@ def test_fsdp_resume_from_a_checkpoint_equals_the_uninterrupted_run(assets, fsdp
 def test_the_fsdp_request_is_claimed_from_accelerate(monkeypatch):
     for key in (distributed.FSDP_ENV, distributed.FSDP_VERSION_ENV, distributed.CLAIMED_ENV,
                 distributed.WRAP_POLICY_ENV, *distributed.UNSUPPORTED_WHEN_TRUE):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that the claim's own writes are undone after the test
+        monkeypatch.delenv(key)
     assert distributed.claim_fsdp_request() is False  # a plain launch: nothing to claim
     monkeypatch.setenv(distributed.FSDP_ENV, "true")
     monkeypatch.setenv(distributed.FSDP_VERSION_ENV, "1")
