@@ -299,7 +299,7 @@ def evaluate_setting(
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
-    rotation: "none" quantizes the model as it is; "hadamard" folds random Hadamard R1/R2 (``pipeline.rotate``,
+    rotation: "none" quantizes the model as it is; "hadamard" folds random Hadamard R1/R2 (``rotation_plan.rotate``,
     ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
     r3/r4/online add online Hadamards (``online.online_linears``; their weight half is folded first); a learned
     run's model also gets the ones its recipe used (``run_online_settings``). w_method "gptq" runs

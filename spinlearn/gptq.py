@@ -331,7 +331,8 @@ def gptq_quantize_model(
     inputs computed by the already-quantized layers before it; inside a layer the Linears are taken in call
     order, those sharing one input (q/k/v, gate/up) together, and every group's inputs are recomputed after
     the previous group was quantized. Forward pre-hooks already on the model (the online R4 Hadamard of
-    ``apply_online_rotations``) run before the Hessian hook sees the input, so they are part of the problem.
+    ``fakequant.wrap_model(..., online=...)``) run before the Hessian hook sees the input, so they are part of
+    the problem.
     Linears outside the decoder layers (and all of them if no layer list is found) get their Hessians from
     one pass of the whole model at the end. Activations are not quantized during calibration.
 
