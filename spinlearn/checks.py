@@ -27,8 +27,9 @@ def check_job_inputs(cfg) -> str | None:
 
 
 def _check_layout(cfg) -> None:
-    """The layout resolves against the model's config (dims exist, are positive and fit); the online Hadamards and
-    the exports fit the model's layers (checked on the model built on the meta device) — no weights needed."""
+    """The layout resolves against the model's config (dims exist, are positive and fit); the online input
+    Hadamards' widths and the exports' group sizes fit the model's layers (checked on the model built on the meta
+    device; R3's head_dim is checked once the model is loaded) — no weights needed."""
     from transformers import AutoConfig
 
     from .layout import check_layout_for_config

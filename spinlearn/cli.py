@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .choices import ROTATION_MODES, check_bits
+from .choices import EVAL_ROTATIONS, ROTATION_MODES, WEIGHT_METHODS, check_bits
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ConnectionError, ImportError)
 
@@ -161,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_run
-    from .export.api import resolve_source, check_export_inputs
+    from .export.api import check_export_inputs, export_w_method, resolve_source
     from .export.schemes import resolve_scheme
 
     # Cheap checks first: nothing is loaded or written if these fail.
@@ -170,7 +170,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} {getattr(args, flag)} is too small")
     scheme = resolve_scheme(args.scheme, args.group_size)
     model_dir, recipe, _ = resolve_source(args.run)
-    method = args.w_method or ((recipe.export.w_method or recipe.quant.w_method) if recipe is not None else "rtn")
+    method = export_w_method(args.scheme, args.w_method, recipe)
     needs_calib = method == "gptq" or scheme.name == "nvfp4"
     if not args.calib_data:
         check_export_inputs(scheme, method, None)
@@ -245,8 +245,8 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--w-groupsize", type=int, default=-1, help="weight group size (-1 = per output channel)")
     e.add_argument("--w-clip", action="store_true", help="MSE clip search for weight scales")
     e.add_argument("--a-clip", type=float, default=1.0, help="activation clip ratio (0 < r <= 1)")
-    e.add_argument("--w-method", choices=["rtn", "gptq"], default="rtn", help="weight quantizer")
-    e.add_argument("--rotation", choices=["none", "hadamard", "learned"], default="none",
+    e.add_argument("--w-method", choices=WEIGHT_METHODS, default="rtn", help="weight quantizer")
+    e.add_argument("--rotation", choices=EVAL_ROTATIONS, default="none",
                    help="none: as is; hadamard: random Hadamard R1/R2 folded first; learned: an exported model "
                    "(rotations.safetensors in its directory or parent) or --rotations FILE on the unrotated model")
     e.add_argument("--rotations", default=None, help="rotations safetensors to fold into an unrotated --model")
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory spinlearn rotate wrote")
     x.add_argument("--scheme", required=True, help="w4a16 | w8a8 | nvfp4 | float")
     x.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
-    x.add_argument("--w-method", choices=["rtn", "gptq"], default=None,
+    x.add_argument("--w-method", choices=WEIGHT_METHODS, default=None,
                    help="weight quantizer (default: the run's export.w_method / quant.w_method, else rtn)")
     x.add_argument("--group-size", type=int, default=None,
                    help="w4a16 weight group size (default: the run's export.group_size, else 128; -1 = per channel)")

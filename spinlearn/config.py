@@ -650,7 +650,7 @@ _TRAIN_KEYS_NOT_FOR_HF = ("resume_from_checkpoint",)  # passed to trainer.train(
 def training_arguments_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """Keyword arguments for ``transformers.TrainingArguments`` from ``train.*`` and ``output_dir``.
 
-    ``overwrite_output_dir`` is not included (transformers 5 dropped it; the launch script acts on it),
+    ``overwrite_output_dir`` is not included (transformers 5 dropped it; the job's input checks and run directory act on it),
     nor ``resume_from_checkpoint`` (an argument of ``Trainer.train``).
     """
     import inspect

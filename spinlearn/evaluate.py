@@ -192,16 +192,6 @@ def _load(model_path_or_model, dtype):
         raise ValueError(f"cannot load the model in {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
-def _model_config(model_path_or_model) -> dict:
-    if isinstance(model_path_or_model, nn.Module):
-        return model_path_or_model.config.to_dict()
-    import json
-
-    from .loading import check_model_path
-
-    return json.loads((check_model_path(model_path_or_model) / "config.json").read_text())
-
-
 def learned_source(model_path_or_model, rotations_file: str | Path | None = None) -> tuple[str, Path | None]:
     """Where ``--rotation learned`` takes its rotations from, checked from config.json alone (before loading).
 
@@ -316,7 +306,9 @@ def evaluate_setting(
                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                       "rotation": rotation, "layout": layout, "w_method": w_method}
     _apply_rotation(model, rotation, source, layout, seed, settings)
-    recorded = run_online_settings(path) if source is not None and source[0] == "exported" and path else {}
+    # A run's model/ gets the online Hadamards its recipe used; a compressed-tensors export already applies its own.
+    is_run_model = source is not None and source[0] == "exported" and path and not hasattr(model, "spinlearn_export")
+    recorded = run_online_settings(path) if is_run_model else {}
     use_r3 = bool(r3) or recorded.get("r3", False)
     use_r4 = bool(r4) or recorded.get("r4", False)
     names = online_linears(model, [*(online or []), *recorded.get("online", [])], use_r4)

@@ -25,12 +25,11 @@ from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
 from .quant import ActQuantizer, QuantSettings, QuantSpec, quantize_weight
-from .rotations import RotationBank, rotate_axis
+from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
 ATTN_NAME = "spinlearn_sdpa"
 QUANT_SKIP = ROUTER_GLOBS  # MoE routers stay in float (tiny, and they pick experts)
-BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a model during training
 
 
 class RotateQuantWeight(nn.Module):

@@ -118,7 +118,7 @@ def gptq_quantize_weight(
     """
     _check_gptq_inputs(weight, hessian, spec, block_size, percdamp, static_groups)
     if not spec.enabled:
-        return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0}
+        return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0, "scale": None, "zero": None}
     n_in, group = weight.shape[1], spec.group_size
     qmin, qmax = qrange(spec.bits, spec.sym)
     clip, mse = float(spec.clip_ratio), spec.mse_clip

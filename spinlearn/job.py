@@ -117,6 +117,7 @@ class RotationJob:
         self.metrics["device"] = str(self.state.device)
         if self.main:
             rundir.start_run(self.out, resuming=self.resume is not None)
+            self.run_started = True  # from here on a failure is this run's: cleanup marks it
         self.state.wait_for_everyone()
         torch.manual_seed(self.cfg.train.seed)
 
@@ -234,6 +235,7 @@ class RotationJob:
                 fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
             fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start), self.plan.layout.use_float64)
             self.learned, self.learned_scales, self.learned_clips = self.start, None, None
+            self.metrics.pop("scales", None), self.metrics.pop("activation_clips", None)  # they were dropped too
             self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
             self.metrics["ppl_quant_after"] = before
             del self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"]
@@ -257,8 +259,7 @@ class RotationJob:
                 artifacts.save_rotations(self.learned_clips, self.staging / artifacts.ACTIVATION_CLIPS_FILE)
             (self.staging / artifacts.LAYOUT_FILE).write_text(self.plan.layout.to_yaml())  # as resolved (auto too)
             (self.staging / artifacts.RECIPE_FILE).write_text(recipe_to_yaml(self.cfg))
-            for scheme in self.cfg.export.schemes:
-                self._export_scheme(scheme)
+            self._exports()
         self.state.wait_for_everyone()
         self._gptq_row()
 
@@ -278,7 +279,7 @@ class RotationJob:
     def cleanup(self, exit_code: int) -> None:
         """Close the wandb run this job opened; a failed run leaves its marker saying so."""
         _finish_wandb(self.wandb_before, exit_code=exit_code)
-        if exit_code and getattr(self, "main", False):
+        if exit_code and getattr(self, "run_started", False):
             rundir.mark_run(self.out, "failed")
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -370,13 +371,14 @@ class RotationJob:
         finally:
             handle.remove()
 
-    def _export_scheme(self, scheme: str) -> None:
-        from .export import export_model
+    def _exports(self) -> None:
+        """``export-SCHEME/`` (compressed-tensors) for every ``export.schemes`` entry, staged with the run."""
+        from .export.api import export_recipe_schemes
 
-        dest = self.staging / f"{artifacts.EXPORT_DIR_PREFIX}{scheme}"
-        export_model(self.model, dest, scheme=scheme, recipe=self.cfg, online=self.online, calib_blocks=self.blocks,
-                     tokenizer_source=self.cfg.model.path, progress=self.main, run_metrics=self.metrics)
-        _log(f"export {scheme}: {dest.name}/ (compressed-tensors)", self.main)
+        for dest in export_recipe_schemes(self.model, self.cfg, self.staging, calib_blocks=self.blocks,
+                                          tokenizer_source=self.cfg.model.path, run_metrics=self.metrics,
+                                          progress=self.main):
+            _log(f"export: {dest.name}/ (compressed-tensors)", self.main)
 
     def _gptq_row(self) -> None:
         """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV. With baselines on and RTN

@@ -355,9 +355,6 @@ class Target:
     module: nn.Module | None = None
 
 
-# Top-level children of a model that are not part of it: the training job's rotation bank hangs there.
-# TODO(lead): once every caller that may run with the bank attached passes skip=(fakequant.BANK_ATTR,),
-# the default becomes () and this transitional name goes.
 def addressable_targets(model: nn.Module, skip: Collection[str] = ()) -> dict[str, Target]:
     """Every tensor a layout can name: Linear/Embedding modules and bare >=2-D parameters. ``skip`` names
     top-level child modules that are not part of the model (e.g. a training job's rotation matrices)."""

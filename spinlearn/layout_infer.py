@@ -180,7 +180,10 @@ def generalize(name: str) -> str:
 
 def _dim_expr(config, value: int, candidates: tuple[str, ...]):
     """The first expression that gives ``value`` from the config as it is (no fallback note), else the int."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for expr in candidates:
+        if expr.isidentifier() and getattr(text, expr, None) is None:
+            continue  # a bare key the config lacks would resolve only through a fallback
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LayoutNote)
             try:

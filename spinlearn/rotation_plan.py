@@ -144,6 +144,14 @@ def rotate(
         raise ValueError(f"mode={mode!r}: use one of {', '.join(ROTATION_MODES)}")
     was_training = model.training
     model.eval()
+    try:
+        matrices = _rotate_and_verify(model, layout, mode, seed, verify)
+    finally:
+        model.train(was_training)
+    return model, matrices
+
+
+def _rotate_and_verify(model: nn.Module, layout, mode: str | None, seed: int, verify: bool) -> dict[str, torch.Tensor]:
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     probe = None
@@ -166,5 +174,4 @@ def rotate(
                 f"rotation with layout {plan.layout.name!r} changed the model's outputs (relative error {rel:.2e} "
                 f"in {dtype}); this architecture ({type(model).__name__}) is not handled exactly by the layout"
             )
-    model.train(was_training)
-    return model, matrices
+    return matrices

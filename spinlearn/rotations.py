@@ -16,6 +16,8 @@ import torch
 
 from .hadamard import NoHadamardError, hadamard_matrix, random_hadamard_matrix, random_orthogonal_matrix
 
+BANK_ATTR = "spinlearn_rotations"  # where the learnable RotationBank hangs on a model during training
+
 
 def make_rotation(n: int, mode: str, generator: torch.Generator, *, name: str = "") -> torch.Tensor:
     """A float64 n x n orthogonal matrix. Falls back to a random orthogonal one (with a warning) when no
@@ -160,8 +162,9 @@ class RotationBank(torch.nn.Module):
 
         super().__init__()
         self.names = list(matrices)
-        self.preserve_ones = tuple(n for n in self.names if n in set(preserve_ones))
-        unknown = sorted(set(preserve_ones) - set(self.names))
+        wanted = set(preserve_ones)  # once: an iterator would be used up by the first name
+        self.preserve_ones = tuple(n for n in self.names if n in wanted)
+        unknown = sorted(wanted - set(self.names))
         if unknown:
             raise KeyError(f"preserve_ones names matrices the bank does not hold: {unknown} "
                            f"(it holds {self.names[:4]})")

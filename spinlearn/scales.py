@@ -30,6 +30,7 @@ from torch import nn
 from .choices import SCALES_INITS
 from .fusion import norm_readers
 from .layout import addressable_targets
+from .rotations import BANK_ATTR
 
 SCALES_ATTR = "spinlearn_scales"  # where the learnable ScaleBank hangs on a model during training
 SCALE_KINDS = ("norm", "v_o", "up_down")
@@ -145,7 +146,7 @@ def plan_scales(model: nn.Module, plan, *, log: bool = True, head_quantized: boo
     """Every exactly fusible scale pair of a prepared model (``rotation_plan.prepare_model``), in model order;
     skipped couples are logged once per reason. ``head_quantized=False`` (lm_head left in float) drops the final
     norm -> lm_head pair: nothing quantized would see it, so its gradient is rounding noise."""
-    targets = addressable_targets(model, skip=(SCALES_ATTR, "spinlearn_rotations"))
+    targets = addressable_targets(model, skip=(SCALES_ATTR, BANK_ATTR))
     pairs = _norm_pairs(model, plan) + _v_o_pairs(plan, targets) + _up_down_pairs(model, targets)
     if not head_quantized:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -9,7 +9,8 @@ from torch import nn
 
 from .fusion import inspect_norm
 from .layout import addressable_targets
-from .scales import CLAMP_MIN, ScaleBank, ScalePair, expand_for_reader, plan_scales, scale_axis
+from .rotations import BANK_ATTR
+from .scales import SCALES_ATTR, CLAMP_MIN, ScaleBank, ScalePair, expand_for_reader, plan_scales, scale_axis
 
 
 def _resolve(model: nn.Module, plan, scales) -> tuple[dict[str, torch.Tensor], dict[str, ScalePair]]:
@@ -52,7 +53,7 @@ def fold_scales(model: nn.Module, plan, scales: ScaleBank | dict[str, torch.Tens
     values, pairs = _resolve(model, plan, scales)
     f64 = plan.layout.use_float64 if use_float64 is None else use_float64
     dtype = torch.float64 if f64 else torch.float32
-    targets = addressable_targets(model, skip=("spinlearn_rotations", "spinlearn_scales"))
+    targets = addressable_targets(model, skip=(BANK_ATTR, SCALES_ATTR))
     modules = dict(model.named_modules())
     for key, s in values.items():
         p = pairs[key]
@@ -122,7 +123,7 @@ def smoothquant_scales(model: nn.Module, plan, matrices: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
     with rotations_attached(model, plan, matrices):
-        targets = addressable_targets(model, skip=("spinlearn_rotations", "spinlearn_scales"))
+        targets = addressable_targets(model, skip=(BANK_ATTR, SCALES_ATTR))
         handles = _input_absmax_hooks(model, pairs, targets, stats)
         try:
             for row in blocks:

@@ -111,3 +111,18 @@ def test_job_api_writes_every_recipe_scheme(run):
     assert [p.name for p in outs] == ["export-w8a8", "export-float"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the fused model is untouched
     assert load_export(outs[0]).spinlearn_export["online"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+
+
+def test_the_export_weight_method_follows_the_recipe_except_where_gptq_does_not_apply():
+    """A W16A4KV4 recipe (quant.w_method gptq): its int exports use GPTQ, float/nvfp4 fall back to RTN unless asked."""
+    from spinlearn.config import load_recipe
+    from spinlearn.export.api import export_w_method
+
+    recipe = load_recipe(None, ["model.path=m", "data.train=t.txt", "output_dir=o", "train.max_steps=1",
+                                "quant.w_method=gptq"])
+    assert export_w_method("w4a16", None, recipe) == "gptq"
+    assert export_w_method("w8a8", "rtn", recipe) == "rtn"
+    assert export_w_method("float", None, recipe) == "rtn"
+    assert export_w_method("nvfp4", None, recipe) == "rtn"
+    assert export_w_method("nvfp4", "gptq", None) == "gptq"  # asked for explicitly: check_export_inputs refuses it
+    assert export_w_method("w4a16", None, None) == "rtn"

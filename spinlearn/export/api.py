@@ -71,6 +71,19 @@ def _recipe_settings(recipe) -> dict:
             "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
 
 
+def export_w_method(scheme: str, w_method: str | None, recipe=None) -> str:
+    """The weight quantizer an export uses: ``w_method`` if given, else the recipe's (``export.w_method``, then
+    ``quant.w_method``), else RTN; schemes GPTQ does not apply to (``RTN_ONLY``) take RTN unless asked for
+    explicitly (then ``check_export_inputs`` refuses it)."""
+    if w_method is None and scheme in RTN_ONLY:
+        return "rtn"
+    if w_method is None and recipe is not None:
+        w_method = recipe.export.w_method or recipe.quant.w_method
+    if scheme == "float":
+        return "rtn"
+    return w_method or "rtn"
+
+
 def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: list[str] | None = None,
                  recipe=None, w_method: str | None = None, group_size: int | None = None,
                  calib_blocks: Tensor | None = None, w_clip: bool | None = None, gptq_kwargs: dict | None = None,
@@ -84,9 +97,7 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     and ``quant.gptq.nsamples`` calibration windows; with it, schemes GPTQ does not apply to (nvfp4, float) use RTN.
     ``run_metrics`` (the run's metrics dict) gives the model card its results table. Returns ``output``."""
     rs = _recipe_settings(recipe) if recipe is not None else {}
-    w_method = w_method or rs.get("w_method") or "rtn"
-    if scheme in RTN_ONLY and (recipe is not None or scheme == "float"):
-        w_method = "rtn"
+    w_method = export_w_method(scheme, w_method, recipe)
     if group_size is None and scheme in GROUPED_SCHEMES:  # the recipe's group size is for the int4 schemes
         group_size = rs.get("group_size")
     w_clip = rs.get("w_clip", False) if w_clip is None else w_clip
@@ -164,10 +175,11 @@ def export_run(run_dir: str | Path, scheme: str, output: str | Path, *, w_method
 
     model_dir, recipe, run = resolve_source(run_dir)
     rs = _recipe_settings(recipe) if recipe is not None else {}
-    s = resolve_scheme(scheme, group_size if group_size is not None else rs.get("group_size"))
-    check_export_inputs(s, w_method or rs.get("w_method") or "rtn", calib_blocks)
+    s = resolve_scheme(scheme, group_size if group_size is not None or scheme not in GROUPED_SCHEMES
+                       else rs.get("group_size"))
+    check_export_inputs(s, export_w_method(scheme, w_method, recipe), calib_blocks)
     check_output_dir(output, overwrite)
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir, trust_remote_code=bool(recipe is not None and recipe.model.trust_remote_code))
     online = online_linears(model, recipe.rotation.online, recipe.rotation.r4) if recipe is not None else []
     card = CardInfo(base_model=rs.get("base_model", str(model_dir)), source=str(run or model_dir),
                     recipe=rs.get("recipe_text"), run_dir=run)
@@ -188,6 +200,6 @@ def export_recipe_schemes(model: nn.Module, cfg, output_dir: str | Path, *, cali
     online = online_linears(model, cfg.rotation.online, cfg.rotation.r4)
     return [export_model(model, Path(output_dir) / f"{EXPORT_DIR_PREFIX}{scheme}", scheme=scheme, online=online,
                          recipe=cfg, calib_blocks=calib_blocks, tokenizer_source=tokenizer_source,
-                         run_metrics=run_metrics, card=CardInfo(source=str(output_dir), run_dir=Path(output_dir)),
+                         run_metrics=run_metrics, card=CardInfo(source=str(cfg.output_dir), run_dir=Path(output_dir)),
                          overwrite=True, progress=progress)
             for scheme in cfg.export.schemes]
