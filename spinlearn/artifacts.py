@@ -186,12 +186,17 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
 def save_model_dir(model, dest: Path, tokenizer_source: str | Path | None = None) -> None:
     """save_pretrained with safetensors, plus the source's tokenizer files copied alongside (umask modes)."""
     model.save_pretrained(str(dest), safe_serialization=True)
-    if tokenizer_source is not None:
-        src = Path(tokenizer_source)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file() and not (dest / name).exists():
-                shutil.copyfile(src / name, dest / name)
+    copy_tokenizer_files(tokenizer_source, dest)
     apply_umask_modes(dest)
+
+
+def copy_tokenizer_files(source: str | Path | None, dest: Path) -> None:
+    """The tokenizer files of a model directory, copied beside a written model (existing files are kept)."""
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file() and not (Path(dest) / name).exists():
+            shutil.copyfile(Path(source) / name, Path(dest) / name)
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:

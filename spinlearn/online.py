@@ -27,7 +27,9 @@ ALL = "all"  # rotation.online: ["all"] = every linear except lm_head and MoE ro
 ROUTER_GLOBS = ("*mlp.gate", "*router*")  # MoE routers: never rotated online, never quantized (tiny, pick experts)
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear but the output head and MoE routers: the linears that are quantized and can be rotated
+    online (training, evaluation and exports alike)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and m is not head and not any(fnmatch.fnmatchcase(n, g) for g in ROUTER_GLOBS)}
@@ -49,7 +51,7 @@ def _match(globs: Sequence[str], linears: dict[str, nn.Linear], key: str) -> lis
 def online_linears(model: nn.Module, online: Sequence[str] | None = None, r4: bool = False) -> list[str]:
     """Names of the nn.Linear modules that get an online input Hadamard: the R4 set when ``r4``, plus the
     modules ``online`` names (globs, or ``["all"]``). Every one is checked for a supported Hadamard order."""
-    linears = _linears(model)
+    linears = linear_layers(model)
     names: list[str] = []
     if r4:
         names = _match(R4_GLOBS, linears, "rotation.r4")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..artifacts import TOKENIZER_FILES, apply_umask_modes, save_safetensors
+from ..artifacts import apply_umask_modes, copy_tokenizer_files, save_safetensors
 from .schemes import ExportScheme
 from .weights import QuantizedLinear
 
@@ -117,8 +117,6 @@ def quantization_config(scheme: ExportScheme, ignore: list[str]):
 def write_checkpoint(out: Path, model: nn.Module, tensors: dict[str, Tensor], qconfig, tconfig,
                      tokenizer_source: str | Path | None) -> None:
     """config.json (+ quantization_config), generation config, weights, tokenizer files into ``out``."""
-    import shutil
-
     from compressed_tensors.compressors import ModelCompressor
 
     model.config.save_pretrained(str(out))
@@ -127,9 +125,5 @@ def write_checkpoint(out: Path, model: nn.Module, tensors: dict[str, Tensor], qc
     save_sharded(tensors, out)
     if qconfig is not None or tconfig is not None:
         ModelCompressor(quantization_config=qconfig, transform_config=tconfig).update_config(str(out))
-    if tokenizer_source is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_source) / name
-            if src.is_file() and not (out / name).exists():
-                shutil.copyfile(src, out / name)
+    copy_tokenizer_files(tokenizer_source, out)
     apply_umask_modes(out)

@@ -9,14 +9,13 @@ E2M1 value (NVFP4, with ``scale = block_scale / global_scale``). compressed-tens
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..fp4 import nvfp4_block_scales, nvfp4_global_scale, nvfp4_qdq
-from ..online import ROUTER_GLOBS
+from ..online import linear_layers
 from ..quant import QuantSpec, quantize_weight, weight_qparams
 from .schemes import ExportScheme
 
@@ -34,9 +33,7 @@ class QuantizedLinear:
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The linears an export quantizes: every nn.Linear but the output head and MoE routers (as in training)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and not any(fnmatch.fnmatchcase(n, g) for g in ROUTER_GLOBS)}
+    return linear_layers(model)
 
 
 def check_group_widths(linears: dict[str, nn.Linear], scheme: ExportScheme) -> None:
