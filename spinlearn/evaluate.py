@@ -174,11 +174,11 @@ def _load(model_path_or_model, dtype):
     from .loading import check_model_path, load_causal_lm
 
     path = check_model_path(model_path_or_model)
-    check_safetensors(path)
     from .export.loading import is_export, load_export
 
     try:
         if is_export(path):  # compressed-tensors export: decompress and apply its online transforms
+            check_safetensors(path)  # (load_causal_lm checks a plain model's files itself)
             model = load_export(path, dtype=dtype)
             info = model.spinlearn_export
             acts = f"; {info['activations']} activation quantization applied" if info["activations"] else ""
