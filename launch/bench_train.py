@@ -4,6 +4,7 @@
     python launch/bench_train.py --seqlens 512 --profile  # also: where the rotation step spends its time
     python launch/bench_train.py --checkpointing          # rotation step with / without gradient checkpointing
     python launch/bench_train.py --distributed --seqlens 512  # RotationTrainer steps, 2 CPU ranks: DDP vs FSDP
+    python launch/bench_train.py --gpu                    # Llama-3-8B's config, random bf16 weights, one CUDA GPU
 
 The model is a ~20M-parameter Llama built from a config (hidden 256, 4 layers, 8 heads / 2 KV heads, MLP 1024,
 vocab 32000, untied lm_head), random weights, batch 1. Each measurement runs in its own child process (model
@@ -32,6 +33,13 @@ Per rank: seconds per step, RSS once the model is ready (after sharding), the la
 VmHWM (which includes loading the whole model, done by every rank in both modes). The children run with
 MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would otherwise keep them in its heap).
 --layers N changes the model's depth in every mode.
+
+--gpu builds a random-weight model from --model-config (default: launch/configs/llama3_8b/config.json, Llama-3-8B)
+in bfloat16 on the first CUDA GPU and measures, at --seqlens (default 2048) and --batch: the float forward+backward
+(every weight's gradient), the rotation step with float32 rotation products, the same with TF32 products
+(``train.tf32: true``), the latter with gradient checkpointing, and with learned scales and clip ratios too. Peak =
+torch.cuda.max_memory_allocated of the measuring process, set beside `spinlearn plan`'s estimate for the same
+settings (single process).
 """
 
 from __future__ import annotations
@@ -57,17 +65,41 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def build_model(layers: int | None = None):
+GPU_CONFIG = Path(__file__).resolve().parent / "configs" / "llama3_8b" / "config.json"
+# label -> the rotation step's settings; "float" is the plain forward+backward
+GPU_MODES = {
+    "float fwd+bwd": dict(mode="float"),
+    "rotation, fp32 products": dict(mode="rotation"),
+    "rotation, tf32": dict(mode="rotation", tf32=True),
+    "rotation, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True),
+    "rotation + scales + clips, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True,
+                                                           scales=True),
+}
+
+
+def build_model(layers: int | None = None, config: str | None = None, device: str = "cpu", dtype: str = "float32"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**MODEL, "num_hidden_layers": layers or MODEL["num_hidden_layers"]})).eval()
+    cfg = AutoConfig.from_pretrained(config) if config else LlamaConfig(**MODEL)
+    if layers:
+        cfg.num_hidden_layers = layers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
-def make_step(mode: str, model, ids, r3: bool, r4: bool):
-    """A closure running one step of `mode` on `model` (prepared as that mode needs)."""
+def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
+    """A closure running one step of `mode` on `model` (prepared as that mode needs); ``scales``: learned scales
+    and activation clip ratios beside the rotations (Adam, as RotationTrainer does)."""
     import torch
+    from torch.nn.utils import parametrize
 
     if mode in ("float", "float_emb"):
         for name, p in model.named_parameters():
@@ -81,29 +113,49 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool):
 
         return step
 
-    from spinlearn.fakequant import rotations_attached
+    from spinlearn.fakequant import activation_clip_params, rotations_attached
     from spinlearn.online import online_linears
+    from spinlearn.optim import MultiOptimizer
     from spinlearn.quant import QuantSettings
     from spinlearn.rotation_plan import make_matrices, prepare_model
+    from spinlearn.scales import ScaleBank, plan_scales
     from spinlearn.trainer import make_optimizer
 
     plan = prepare_model(model, "transformer_universal")
     quant = QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)
+    bank_scales = ScaleBank(plan_scales(model, plan, log=False, head_quantized=False)) if scales else None
     attached = rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0), quant=quant, r3=r3,
-                                  online=online_linears(model, r4=r4))
+                                  online=online_linears(model, r4=r4), scales=bank_scales, learn_a_clip=scales)
     bank = attached.__enter__().bank  # stays attached for the life of this benchmark process
     params = list(bank.parameters())
     opt = make_optimizer("cayley_sgd", params, lr=1.5, momentum=0.9)
+    extra = [*bank_scales.parameters(), *activation_clip_params(model).values()] if scales else []
+    if extra:
+        opt = MultiOptimizer([opt, torch.optim.Adam(extra, lr=1e-2, foreach=False)])
 
     def step() -> float:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # the Trainer's max_grad_norm
+        torch.nn.utils.clip_grad_norm_(params + extra, 1.0)  # the Trainer's max_grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    # The step must own the attachment: a generator context manager nobody references is closed by the garbage
+    # collector, which removes the wrappers (the step would then time the plain model).
+    step.attached = attached
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise RuntimeError("the rotation step's model has no rotated weights")
     return step
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder layer (transformers renamed the method in 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def child(spec: dict) -> dict:
@@ -111,22 +163,29 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    model = build_model(spec.get("layers"))
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = bool(spec.get("tf32"))  # what TrainingArguments(tf32=True) sets
+    model = build_model(spec.get("layers"), spec.get("config"), device, spec.get("dtype", "float32"))
     n_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, MODEL["vocab_size"], (1, spec["seqlen"]), generator=torch.Generator().manual_seed(0))
-    step = make_step(spec["mode"], model, ids, spec["r3"], spec["r4"])
+    ids = torch.randint(0, model.config.vocab_size, (spec.get("batch", 1), spec["seqlen"]),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    step = make_step(spec["mode"], model, ids, spec["r3"], spec["r4"], scales=spec.get("scales", False))
     if spec.get("checkpointing"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.train()  # decoder layers checkpoint in training mode only (Llama has no dropout: same math)
     rss_ready = _status_mb("VmRSS")
     step()  # warm-up (allocator, one-time setup)
     times = []
     for _ in range(spec["repeats"]):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step()
+        step()  # loss.item() synchronises
         times.append(time.perf_counter() - t0)
-    out = {"median_s": statistics.median(times), "times_s": times, "peak_mb": _status_mb("VmHWM"),
-           "ready_mb": rss_ready, "params": n_params}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+    out = {"median_s": statistics.median(times), "times_s": times, "peak_mb": peak, "ready_mb": rss_ready,
+           "params": n_params}
     if spec.get("profile"):
         out["profile"] = profile_step(step)
     return out
@@ -144,11 +203,19 @@ def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
                 r4=not args.no_r4, profile=args.profile and mode == "rotation", checkpointing=checkpointing,
                 layers=args.layers)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    try:
+        return _run_child(spec)
+    except RuntimeError as e:
+        raise RuntimeError(f"{mode} at seqlen {seqlen} failed:\n{e}") from None
+
+
+def _run_child(spec: dict) -> dict:
+    threads = str(spec["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{mode} at seqlen {seqlen} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -270,6 +337,59 @@ def distributed_table(args) -> int:
     return 0
 
 
+def plan_estimate_gib(config: str, seqlen: int, batch: int, dtype: str, ckpt: bool) -> float:
+    """`spinlearn plan`'s single-process estimate (GiB) for the bench's rotation step."""
+    from spinlearn.memplan import GIB, Settings, estimate, load_config, model_shape
+
+    st = Settings(dtype=dtype, seqlen=seqlen, batch=batch, gradient_checkpointing=ckpt, momentum=0.9)
+    return estimate(model_shape(load_config(config), st.layout), st, "single")["total"] / GIB
+
+
+def gpu_table(args) -> int:
+    """Llama-3-8B-sized (or --model-config) random bf16 model on one CUDA GPU: float fwd+bwd vs rotation steps."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("--gpu: no CUDA device here", file=sys.stderr)
+        return 2
+    config = str(args.model_config or GPU_CONFIG)
+    seqlens = args.seqlens if args.seqlens != [512, 2048] else [2048]
+    rows = []
+    for seqlen in seqlens:
+        for label, mode in GPU_MODES.items():
+            spec = dict(seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
+                        r4=not args.no_r4, layers=args.layers, config=config, device="cuda", dtype="bfloat16",
+                        batch=args.batch, **mode)
+            try:
+                r = _run_child(spec)
+            except RuntimeError as e:  # e.g. out of memory: the row says so, the others still run
+                r = {"error": str(e).strip().splitlines()[-1][:120]}
+            if mode["mode"] == "rotation":
+                r["plan_gib"] = plan_estimate_gib(config, seqlen, args.batch, "bfloat16",
+                                                  bool(mode.get("checkpointing")))
+            rows.append((seqlen, label, r))
+            print(f"# {label} seqlen {seqlen}: {r}", flush=True)
+    name = json.loads(Path(config).read_text()).get("architectures", ["?"])[0]
+    params = next((r["params"] for _, _, r in rows if "params" in r), 0)
+    print(f"\n{name} from {config} ({params / 1e9:.2f}B params, random weights), bfloat16 on "
+          f"{torch.cuda.get_device_name(0)}, batch {args.batch}, median of {args.repeats} steps after one warm-up; "
+          "rotation step = W4A4KV4 fake quantization, R1+R2 learned, R3+R4 online Hadamards, Cayley SGD. "
+          "Peak = torch.cuda.max_memory_allocated; plan = `spinlearn plan`'s single-process estimate.\n")
+    print("| seqlen | step | s / step | vs float fwd+bwd | peak GiB | plan GiB |")
+    print("|---|---|---|---|---|---|")
+    for seqlen, label, r in rows:
+        base = next(x for s, l, x in rows if s == seqlen and l == "float fwd+bwd")
+        if "error" in r:
+            print(f"| {seqlen} | {label} | failed: {r['error']} | | | {r.get('plan_gib', 0):.1f} |")
+            continue
+        ratio = f"{r['median_s'] / base['median_s']:.2f}x" if "median_s" in base else ""
+        plan = f"{r['plan_gib']:.1f}" if "plan_gib" in r else ""
+        print(f"| {seqlen} | {label} | {r['median_s']:.3f} | {ratio} | {r['peak_mb'] / 1024:.1f} | {plan} |")
+    if args.json:
+        args.json.write_text(json.dumps({f"{l}@{s}": r for s, l, r in rows}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
@@ -283,6 +403,11 @@ def main(argv=None) -> int:
     parser.add_argument("--distributed", action="store_true",
                         help="RotationTrainer on 2 CPU ranks, DDP vs FSDP (seconds per step, RSS per rank)")
     parser.add_argument("--layers", type=int, help=f"decoder layers (default {MODEL['num_hidden_layers']})")
+    parser.add_argument("--gpu", action="store_true",
+                        help="one CUDA GPU, bf16, --model-config's model: float fwd+bwd vs rotation steps")
+    parser.add_argument("--model-config", type=Path, help=f"config.json for --gpu (default {GPU_CONFIG.name} of "
+                        "launch/configs/llama3_8b)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (--gpu)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dist-child", help=argparse.SUPPRESS)
@@ -293,6 +418,8 @@ def main(argv=None) -> int:
     if args.dist_child:
         dist_child(json.loads(args.dist_child))
         return 0
+    if args.gpu:
+        return gpu_table(args)
     if args.distributed:
         return distributed_table(args)
     if args.checkpointing:

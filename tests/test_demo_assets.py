@@ -94,3 +94,25 @@ def test_float_perplexity_regression(model, tokenizer):
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, windows[:, 1:, None])
     assert nll == pytest.approx(-logp.mean().item(), rel=1e-5)
     assert math.exp(nll) < 1.1 * MEASURED_TEST_PPL_4x256
+
+
+# Float perplexity of the second model on the same 4 x 256 test windows (CPU, fp32, torch 2.13).
+MEASURED_MODEL_B_TEST_PPL_4x256 = 55.43
+
+
+def test_second_model_differs_in_shape_and_still_performs(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    a = json.loads((demo_model_dir() / "config.json").read_text())
+    b = json.loads((demo_model_dir("model_b") / "config.json").read_text())
+    assert b["model_type"] == "llama"
+    assert b["hidden_size"] != a["hidden_size"] and b["num_hidden_layers"] != a["num_hidden_layers"]
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir("model_b"), dtype=torch.float32).eval()
+    ids = tokenize_concat([demo_data_file("test").read_text()], tokenizer)
+    ppl = perplexity(model, eval_windows(ids, 256)[:4], progress=False)
+    assert abs(ppl - MEASURED_MODEL_B_TEST_PPL_4x256) <= 0.1 * MEASURED_MODEL_B_TEST_PPL_4x256
+
+
+def test_unknown_demo_model_is_refused():
+    with pytest.raises(ValueError, match="model_b"):
+        demo_model_dir("model_c")

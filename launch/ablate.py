@@ -1,0 +1,122 @@
+"""Run a grid of recipe variants over seeds and print what each closes of the random-Hadamard -> float gap.
+
+    python launch/ablate.py --config recipes/demo.yaml --out runs/ablation                  # the issue-8 grid
+    python launch/ablate.py --config recipes/demo.yaml --out runs/ablation --workers 8 --seeds 0 1 2 3 4
+    python launch/ablate.py --config recipes/demo.yaml --out runs/abl --cells "scales+clip" --online on \
+        model.path=spinlearn/demo/model_b                                                   # extra overrides
+
+Every cell is the recipe plus the cell's overrides (and the online setting: `off` = no R3/R4, `on` = the recipe's
+R3 and R4 on), run once per seed with `rotation.seed=S data.seed=S` (the start rotation and the calibration
+sample) as `launch/train_rotations.py` in its own process, `--workers` at a time (each with one CPU thread; on a
+GPU machine they share the GPU). Finished runs (a metrics.json) are reused, so an interrupted grid resumes. Exports
+and reporting are off. The table gives, per cell, the mean and spread (sample standard deviation) over seeds of the
+random-Hadamard perplexity (the run's start), the learned one (after the guard), and the share of the gap closed,
+(random Hadamard - learned) / (random Hadamard - float), computed per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "launch" / "train_rotations.py"
+METRICS_FILE = "metrics.json"  # spinlearn.artifacts' name; read here without importing torch
+# cell -> recipe overrides (issue 8's rows). Every cell sets the three switches, whatever the recipe says;
+# "KL" = distillation alone, KL(float teacher || quantized student), no cross-entropy.
+CE = ["loss.ce_weight=1", "loss.kl_weight=0"]
+KL = ["loss.ce_weight=0", "loss.kl_weight=1"]
+CELLS = {
+    "learned R1/R2": ["rotation.learn_scales=false", "quant.learn_a_clip=false", *CE],
+    "+ scales": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *CE],
+    "+ scales + KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *KL],
+    "+ scales + top-32 KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *KL, "loss.kl_topk=32"],
+    "+ scales + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", *CE],
+    "+ scales + KL + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", *KL],
+}
+ONLINE = {"off": ["rotation.r3=false", "rotation.r4=false"], "on": ["rotation.r3=true", "rotation.r4=true"]}
+QUIET = ["train.report_to=[none]", "export.schemes=[]", "overwrite_output_dir=true"]
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def run_one(config: str, out: Path, cell: str, online: str, seed: int, extra: list[str]) -> dict:
+    """One training run (or its earlier result); returns its metrics.json, or {"error": ...}."""
+    run_dir = out / f"{slug(cell)}__{online}__s{seed}"
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file():
+        overrides = [*QUIET, *CELLS[cell], *ONLINE[online], *extra, f"rotation.seed={seed}", f"data.seed={seed}",
+                     f"output_dir={run_dir}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled",
+                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        log = out / f"{run_dir.name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run([sys.executable, str(TRAIN), "--config", config, *overrides], env=env,
+                                  stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode != 0 or not metrics.is_file():
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            return {"error": f"exit {proc.returncode}: {tail[0][:200]} (log: {log})"}
+    return json.loads(metrics.read_text())
+
+
+def mean_spread(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def table(results: dict, seeds: list[int]) -> str:
+    lines = ["| cell | R3/R4 | float | random Hadamard | learned | gap closed (%) | guard kept start | runs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (cell, online), runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        fl = [r["ppl_float"] for r in ok]
+        rh = [r["ppl_quant_before"] for r in ok]
+        le = [r["ppl_quant_after"] for r in ok]
+        gap = [100 * (b - a) / (b - f) for f, b, a in zip(fl, rh, le)]
+        kept = sum(r.get("guard", {}).get("kept") == "start" for r in ok)
+        lines.append(f"| {cell} | {online} | {mean_spread(fl)} | {mean_spread(rh)} | {mean_spread(le)} | "
+                     f"{mean_spread(gap, 1)} | {kept} | {len(ok)}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="the recipe every cell starts from")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the runs (one sub-folder per run)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
+    ap.add_argument("--online", nargs="+", choices=list(ONLINE), default=list(ONLINE))
+    ap.add_argument("--workers", type=int, default=1, help="runs at a time")
+    ap.add_argument("--json", type=Path, help="also write every run's metrics here")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = ap.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(c, o, s) for o in args.online for c in args.cells for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futures = {j: pool.submit(run_one, args.config, args.out, *j, args.overrides) for j in jobs}
+        results: dict = {}
+        for (cell, online, seed), fut in futures.items():
+            r = fut.result()
+            results.setdefault((cell, online), []).append(r)
+            status = r["error"] if "error" in r else f"learned {r['ppl_quant_after']:.3f}"
+            print(f"# {cell} | {online} | seed {seed}: {status}", flush=True)
+    print(f"\n{args.config} {' '.join(args.overrides)}; seeds {args.seeds}\n")
+    print(table(results, args.seeds))
+    if args.json:
+        args.json.write_text(json.dumps({f"{c} | {o}": r for (c, o), r in results.items()}, indent=2))
+    return 0 if all("error" not in r for runs in results.values() for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
