@@ -287,7 +287,7 @@ def dist_child(spec: dict) -> dict:
         trainer = RotationTrainer(model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=handle.bank,
                                   callbacks=[probe])
         if fsdp:
-            shard_for_training(trainer, handle.bank)
+            shard_for_training(trainer, list(handle.bank.parameters()))
         ready = _status_mb("VmRSS")
         trainer.train()
     result = {"rank": args.process_index, "median_s": statistics.median(probe.times[1:]), "ready_mb": ready,

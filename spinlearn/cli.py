@@ -111,6 +111,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--w-method gptq needs calibration data: pass --calib-data FILE (e.g. the train split)")
     if args.rotations and args.rotation != "learned":
         raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
+    if args.activation_clips not in (None, "none"):
+        if args.a_bits >= 16:
+            raise ValueError(f"--activation-clips {args.activation_clips}: clip ratios apply to quantized activations; "
+                             "pass --a-bits 4 (or another width below 16)")
+        if not Path(args.activation_clips).is_file():
+            raise FileNotFoundError(f"--activation-clips {args.activation_clips!r} does not exist")
     parse_dtype(args.dtype)
     if args.tasks and not _lm_eval_available():
         raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")
@@ -139,7 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         online=[g.strip() for g in args.online.split(",") if g.strip()] if args.online else None,
         dtype=args.dtype, batch_size=args.batch_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
-        task_limit=args.task_limit,
+        task_limit=args.task_limit, activation_clips=args.activation_clips,
     )
     result["settings"].update(
         data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
@@ -256,6 +262,9 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--online", default=None,
                    help="online input Hadamards on these linears: comma-separated module globs, or 'all' "
                         "(every linear but lm_head; Brevitas's layerwise mode); --r4 is the down_proj set")
+    e.add_argument("--activation-clips", default=None, metavar="FILE|none",
+                   help="activation clip ratios (a run's activation_clips.safetensors) to apply; a run's model/ gets "
+                   "the ones its run learned by default, 'none' turns that off")
     e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")

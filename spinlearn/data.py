@@ -365,6 +365,18 @@ def eval_windows(tokens_1d: torch.Tensor, seqlen: int) -> torch.Tensor:
     return tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
 
 
+def check_token_ids(ids: torch.Tensor | None, vocab: int, *, what: str, model: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that does not belong to the model): on CPU
+    they fail deep in the forward pass, on a GPU as an opaque device-side assert."""
+    if ids is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ValueError(f"{what}: token id {bad} is outside the vocabulary of {model} ({vocab} embeddings): the "
+                         "tokenizer in the model folder does not belong to these weights")
+
+
 class TokenBlockDataset(Dataset):
     """Rows of a [n, seqlen] token tensor as {"input_ids", "labels"} examples for the HF Trainer.
 

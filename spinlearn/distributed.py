@@ -1,4 +1,4 @@
-"""FSDP2 for rotation training: the frozen weights sharded per decoder layer, the RotationBank replicated.
+"""FSDP2 for rotation training: the frozen weights sharded per decoder layer, the learned tensors replicated.
 
 Asked for by the accelerate config (``distributed_type: FSDP``, ``fsdp_version: 2``: ``accelerate launch`` sets
 ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2`` in every rank's environment), but applied by spinlearn, not by
@@ -8,8 +8,9 @@ accelerate, for three reasons:
   the config says, and the Trainer silently falls back to DDP. One code path on CPU and GPU keeps the CPU tests
   meaningful for GPU runs.
 * accelerate's root ``fully_shard`` would shard the bank (it hangs on the model) together with the embeddings
-  unless every config named it in ``fsdp_ignored_modules``; the rotations must stay whole and bit-identical on
-  every rank, and their gradients must still be averaged, which FSDP does not do for parameters it ignores.
+  unless every config named it in ``fsdp_ignored_modules``; the rotations (and the learned scales and clip ratios,
+  when on) must stay whole and bit-identical on every rank, and their gradients must still be averaged, which FSDP
+  does not do for parameters it ignores.
 * the weights are frozen, so FSDP never reduce-scatters anything (gloo has no reduce_scatter): the only
   collectives are the all-gathers before each unit's forward (and again in backward, ``reshard_after_forward``),
   and the all-reduce of the bank's gradients.
@@ -17,10 +18,11 @@ accelerate, for three reasons:
 So the job claims the FSDP request before accelerate sees it (``claim_fsdp_request``), lets accelerate set up
 plain multi-process data parallelism, and shards the model itself once the rotations are attached
 (``shard_for_training``): ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, or
-``FSDP_TRANSFORMER_CLS_TO_WRAP``), then on the root, with the bank's parameters as ``ignored_params``. The Trainer
-is told the model is already sharded (transformers' ``is_distributed_loading_by_transformers`` path): it does not
-wrap it in DDP, broadcasts the replicated trainable parameters (the bank) from rank 0, and averages their
-gradients over ranks at the end of each accumulation window (``Trainer._sync_replicated_trainable_parameters``).
+``FSDP_TRANSFORMER_CLS_TO_WRAP``), then on the root, with the learned tensors (the bank's matrices, the scale
+bank's log-scales, the activation clip logits) as ``ignored_params``. The Trainer is told the model is already
+sharded (transformers' ``is_distributed_loading_by_transformers`` path): it does not wrap it in DDP, broadcasts the
+replicated trainable parameters from rank 0, and averages their gradients over ranks at the end of each
+accumulation window (``Trainer._sync_replicated_trainable_parameters``).
 
 The rotated weights are parametrizations that read ``parametrizations.weight.original`` inside each layer's
 forward, i.e. after FSDP has all-gathered it: they see the full frozen weight. After training the model is still
@@ -121,11 +123,12 @@ def _free_replaced(whole: list[nn.Parameter], model: nn.Module) -> None:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
-def shard_for_training(trainer, bank: nn.Module) -> int:
-    """Shard ``trainer.model`` (rotations attached, ``bank`` its only trainable parameters) and tell the Trainer
-    the model is already distributed: no DDP wrap; the bank broadcast from rank 0 and its gradients averaged
-    over ranks by the Trainer. Call after the Trainer is built and before ``train()``. Returns the number of
-    decoder-layer units (0 with a single process: nothing is sharded)."""
+def shard_for_training(trainer, learned: list[nn.Parameter]) -> int:
+    """Shard ``trainer.model`` (rotations attached; ``learned``, the rotations and any learned scales and clip
+    logits, its only trainable parameters) and tell the Trainer the model is already distributed: no DDP wrap; the
+    learned tensors broadcast from rank 0 and their gradients averaged over ranks by the Trainer. Call after the
+    Trainer is built and before ``train()``. Returns the number of decoder-layer units (0 with a single process:
+    nothing is sharded)."""
     if not hasattr(trainer, "_sync_replicated_trainable_parameters"):
         import transformers
 
@@ -134,21 +137,22 @@ def shard_for_training(trainer, bank: nn.Module) -> int:
                            "upgrade transformers or use DDP (accelerate_configs/8gpu_ddp.yaml)")
     if trainer.args.world_size == 1:
         return 0  # one process: nothing to shard over, the model trains whole
-    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-    params = list(bank.parameters())
-    if {id(p) for p in trainable} != {id(p) for p in params}:
-        raise RuntimeError("FSDP: the rotation bank's parameters must be the model's only trainable ones")
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    if trainable != {id(p) for p in learned}:
+        raise RuntimeError(f"FSDP: the learned tensors ({len(learned)}) must be the model's only trainable "
+                           f"parameters ({len(trainable)} have requires_grad)")
     reshard = os.environ.get(RESHARD_ENV, "true").lower() != "false"
-    units = shard_model(trainer.model, params, trainer.args.device, reshard_after_forward=reshard)
+    units = shard_model(trainer.model, learned, trainer.args.device, reshard_after_forward=reshard)
     trainer.is_distributed_loading_by_transformers = True
     # Between the micro-batches of an accumulation window that Trainer path pauses FSDP's gradient reduction through
     # the model config's ``distributed_config`` (set only by from_pretrained(distributed_config=...)). The frozen
-    # weights have no gradients to reduce, and the bank's averaging already waits for the window's last micro-batch.
+    # weights have no gradients to reduce, and the learned tensors' averaging already waits for the window's last
+    # micro-batch.
     trainer._defer_fsdp_gradient_reduction = contextlib.nullcontext
     return units
 
 
-def check_replicated(params, what: str = "rotations") -> None:
+def check_replicated(params, what: str = "learned tensors") -> None:
     """Raise on every rank if ``params`` are not bit-identical on all ranks: each rank compares its tensors with
     rank 0's (one broadcast of the bank, a temporary copy of one tensor at a time), then the verdict is shared."""
     import torch.distributed as dist

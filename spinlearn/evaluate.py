@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .artifacts import RECIPE_FILE, ROTATIONS_FILE
+from .artifacts import ACTIVATION_CLIPS_FILE, RECIPE_FILE, ROTATIONS_FILE
 from .loading import check_safetensors  # re-exported; loading.py is its home
 from .choices import EVAL_ROTATIONS as ROTATIONS
 from .choices import WEIGHT_METHODS as W_METHODS
 from .quant import QuantSpec
-from .fakequant import wrap_model
+from .fakequant import set_activation_clips, wrap_model
 from .online import fold_online, online_linears
 from .quant import QuantSettings
 
@@ -222,18 +222,54 @@ def learned_source(model_path_or_model, rotations_file: str | Path | None = None
     return "exported", recorded
 
 
+def _run_dir(model_dir: str | Path) -> Path | None:
+    """The training run a model directory belongs to (itself or its parent holds recipe.yaml and the rotations)."""
+    d = Path(model_dir)
+    for base in (d, d.parent):
+        if (base / RECIPE_FILE).is_file() and (base / ROTATIONS_FILE).is_file():
+            return base
+    return None
+
+
 def run_online_settings(model_dir: str | Path) -> dict:
     """The online Hadamards a training run used (``rotation.r3``, ``rotation.r4``, ``rotation.online`` of the
     ``recipe.yaml`` beside its ``model/``): the quantized model it measured applies them, so evaluating the
     export the same way applies them too. Empty for a directory that is not a run's model."""
     from omegaconf import OmegaConf
 
-    d = Path(model_dir)
-    for base in (d, d.parent):
-        if (base / RECIPE_FILE).is_file() and (base / ROTATIONS_FILE).is_file():
-            rot = OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get("rotation") or {}
-            return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
-    return {}
+    base = _run_dir(model_dir)
+    if base is None:
+        return {}
+    rot = OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get("rotation") or {}
+    return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
+
+
+def recorded_activation_clips(model_dir: str | Path) -> Path | None:
+    """The learned activation clip ratios of the run a model directory belongs to (``quant.learn_a_clip``), if any."""
+    base = _run_dir(model_dir)
+    path = base / ACTIVATION_CLIPS_FILE if base is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def _activation_clips(activation_clips, path, is_run_model: bool, quant: QuantSettings) -> dict | None:
+    """The clip table to apply: a file given, the run's recorded one (``None``: the default for a run's model), or
+    none (``"none"``)."""
+    from .artifacts import load_rotations
+
+    if activation_clips == "none":
+        return None
+    file = Path(activation_clips) if activation_clips is not None else (
+        recorded_activation_clips(path) if is_run_model else None)
+    if file is None:
+        return None
+    if not quant.a.enabled:
+        if activation_clips is None:
+            return None  # the run's clips only matter when activations are quantized
+        raise ValueError(f"--activation-clips {file}: clip ratios apply to quantized activations; pass --a-bits 4 (or "
+                         "another width below 16)")
+    if not file.is_file():
+        raise FileNotFoundError(f"--activation-clips {str(file)!r} does not exist")
+    return load_rotations(file)
 
 
 def _spec_dict(spec: QuantSpec) -> dict:
@@ -286,13 +322,15 @@ def evaluate_setting(
     tasks=None,
     tokenizer=None,
     task_limit: int | None = None,
+    activation_clips: str | Path | None = None,
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
     rotation: "none" quantizes the model as it is; "hadamard" folds random Hadamard R1/R2 (``rotation_plan.rotate``,
     ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
     r3/r4/online add online Hadamards (``online.online_linears``; their weight half is folded first); a learned
-    run's model also gets the ones its recipe used (``run_online_settings``). w_method "gptq" runs
+    run's model also gets the ones its recipe used (``run_online_settings``), and the activation clip ratios it
+    learned (``activation_clips``: None = the run's recorded ones, a file's path, or "none"). w_method "gptq" runs
     ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
     with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
     A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.
@@ -318,9 +356,13 @@ def evaluate_setting(
     if w_method == "gptq":
         eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
                                    progress=progress, settings=settings)
+    clips = _activation_clips(activation_clips, path, bool(is_run_model), eval_quant)
+    settings["activation_clips"] = len(clips) if clips else 0
     handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
     zero = None
     try:
+        if clips:
+            set_activation_clips(model, clips)
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
         if tasks:
             zero = zero_shot(model, tokenizer or _tokenizer_for(path), tasks, batch_size=batch_size, limit=task_limit)

@@ -110,10 +110,6 @@ class RotationJob:
         self.args = TrainingArguments(**training_arguments_kwargs(self.cfg))
         self.state = PartialState()
         self.main = self.state.is_main_process
-        extras = self.cfg.rotation.learn_scales or self.cfg.quant.learn_a_clip
-        if self.fsdp and self.state.num_processes > 1 and extras:
-            raise ValueError("rotation.learn_scales / quant.learn_a_clip are not supported with FSDP yet (only the "
-                             "rotations are kept replicated there): use DDP, or turn them off")
         self.metrics["device"] = str(self.state.device)
         if self.main:
             rundir.start_run(self.out, resuming=self.resume is not None)
@@ -141,10 +137,14 @@ class RotationJob:
 
     def setup_model(self) -> None:
         """The frozen model, its quantizers and the linears with online input Hadamards."""
+        from .data import check_token_ids
         from .loading import load_causal_lm
 
         cfg = self.cfg
         self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        check_token_ids(self.blocks, vocab, what="data.train", model=cfg.model.path)
+        check_token_ids(self.windows, vocab, what="data.eval", model=cfg.model.path)
         self.model.to(self.state.device)
         if self.windows is not None:
             self.windows = self.windows.to(self.state.device)
@@ -181,9 +181,12 @@ class RotationJob:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
                     self.metrics["ppl_quant_before"] = self._ppl(label)
-            self.trainer = self._make_trainer(handle.bank, scales, activation_clip_params(self.model))
+            clips = activation_clip_params(self.model)
+            self.trainer = self._make_trainer(handle.bank, scales, clips)
+            learned = [*handle.bank.parameters(), *(scales.parameters() if scales is not None else ()),
+                       *clips.values()]
             if self.fsdp:
-                self._shard(handle.bank)
+                self._shard(learned)
             t0 = time.perf_counter()
             self._fit()
             train_time = time.perf_counter() - t0
@@ -195,7 +198,7 @@ class RotationJob:
             if self.fsdp:
                 from .distributed import check_replicated
 
-                check_replicated(list(handle.bank.parameters()))
+                check_replicated(learned)
             self.metrics.update(
                 steps=int(self.trainer.state.global_step),
                 train_time_s=round(train_time, 2),
@@ -321,11 +324,11 @@ class RotationJob:
         _log(f"scales: {len(pairs)} learned vectors ({r.scales_init} start)", self.main)
         return ScaleBank(pairs, init)
 
-    def _shard(self, bank) -> None:
+    def _shard(self, learned) -> None:
         from .distributed import shard_for_training
 
-        units = shard_for_training(self.trainer, bank)
-        _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, rotations replicated"
+        units = shard_for_training(self.trainer, learned)
+        _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, learned tensors replicated"
              if units else "FSDP2 with one process: nothing to shard, the model trains whole", self.main)
 
     def _reload_after_fsdp(self) -> None:

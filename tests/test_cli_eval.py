@@ -133,6 +133,39 @@ def test_run_model_gets_the_online_hadamards_its_recipe_used(env, tmp_path):
     assert quantized["ppl"] == pytest.approx(with_r4["ppl"], rel=1e-6) and quantized["ppl"] != plain["ppl"]
 
 
+def test_run_model_gets_the_activation_clips_its_run_learned(env, tmp_path, capsys):
+    """A run that learned clip ratios (quant.learn_a_clip) measured its model with them: evaluating its model/
+    applies them too (every ratio 0.5 here, so the reference is --a-clip 0.5), unless --activation-clips none."""
+    from spinlearn.fakequant import wrap_model
+    from spinlearn.quant import ActQuantizer, QuantSettings
+
+    root, model = env
+    m = AutoModelForCausalLM.from_pretrained(model)
+    save_model(m, tmp_path / "out" / "model")
+    save_file({"r1": torch.eye(64)}, tmp_path / "out" / "rotations.safetensors")
+    (tmp_path / "out" / "recipe.yaml").write_text("rotation: {r3: false, r4: false}\n")
+    handle = wrap_model(m, quant=QuantSettings.from_flags(a_bits=4))
+    names = [n for n, q in m.named_modules() if isinstance(q, ActQuantizer) and q.head_dim is None]
+    handle.remove()
+    clips = tmp_path / "out" / "activation_clips.safetensors"
+    save_file({n: torch.tensor(0.5) for n in names}, clips)
+
+    run_model = tmp_path / "out" / "model"
+    recorded = eval_json(root, run_model, "--rotation", "learned", "--a-bits", 4)
+    assert recorded["settings"]["activation_clips"] == len(names) > 0
+    reference = eval_json(root, model, "--a-bits", 4, "--a-clip", 0.5)
+    assert recorded["ppl"] == pytest.approx(reference["ppl"], rel=1e-9)
+    off = eval_json(root, run_model, "--rotation", "learned", "--a-bits", 4, "--activation-clips", "none")
+    assert off["settings"]["activation_clips"] == 0
+    assert off["ppl"] == pytest.approx(eval_json(root, model, "--a-bits", 4)["ppl"], rel=1e-9) != recorded["ppl"]
+    given = eval_json(root, model, "--a-bits", 4, "--activation-clips", clips)  # any model, a file given
+    assert given["ppl"] == pytest.approx(reference["ppl"], rel=1e-9)
+    assert eval_json(root, run_model, "--rotation", "learned")["settings"]["activation_clips"] == 0  # float: unused
+    capsys.readouterr()
+    assert run("--model", model, "--data", root / "test.txt", "--activation-clips", clips) == 2
+    assert "clip ratios apply to quantized activations" in capsys.readouterr().err
+
+
 def _corrupt_model(src: Path, dest: Path) -> Path:
     import shutil
 

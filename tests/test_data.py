@@ -332,3 +332,13 @@ def test_end_to_end_from_file_to_blocks(tmp_path, cache, tokenizer):
     windows = eval_windows(tokens, 16)
     assert blocks.shape == (4, 16) and windows.shape == (tokens.numel() // 16, 16)
     assert int(tokens.max()) < len(tokenizer)
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused_naming_the_key():
+    from spinlearn.data import check_token_ids
+
+    check_token_ids(torch.tensor([[0, 5, 9]]), 10, what="data.train", model="M")  # in range: nothing to say
+    check_token_ids(None, 10, what="data.eval", model="M")
+    for ids, bad in ((torch.tensor([[0, 10]]), 10), (torch.tensor([[-1, 3]]), -1)):
+        with pytest.raises(ValueError, match=rf"data\.train: token id {bad} is outside the vocabulary of M \(10 "):
+            check_token_ids(ids, 10, what="data.train", model="M")

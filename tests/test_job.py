@@ -388,6 +388,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("how,config", [("nan", "cpu_2proc.yaml"), ("bad_data", "cpu_2proc_fsdp.yaml")])
+def test_a_rank_that_goes_wrong_alone_ends_the_whole_job_with_its_message(assets, tmp_path, how, config):
+    """Rank 1 alone goes wrong at step 2 (tests/failing_rank_entry.py), under DDP and under FSDP: the job ends (no
+    rank left waiting in a collective), says what happened and where, and exports nothing."""
+    out = tmp_path / "out"
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "failing_rank_entry.py"), how,
+           "--config", str(assets["recipe"]),
+           *overrides_for(out, **{"train.max_steps": 6, "train.save_steps": 6, "train.per_device_train_batch_size": 1,
+                                  "train.report_to": "[none]"})]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    if how == "nan":  # every rank learns of it through the loss all-reduce and stops with the same message
+        for rank in (0, 1):
+            assert f"error on rank {rank} of 2: the loss became nan at step 2" in text, text[-3000:]
+        assert json.loads((out / RUN_MARKER).read_text())["status"] == "failed"
+    else:  # the failing rank says what and where; the launcher stops the other one
+        assert "unexpected error on rank 1 of 2: IndexError" in text, text[-3000:]
+    assert nothing_exported(out)
+
+
 def test_two_process_ddp_ranks_agree_and_match_one_process_with_the_same_global_batch(assets, tmp_path):
     """2 ranks x batch 1 (gloo on CPU) against 1 process x batch 2: the same samples per step, the same mean
     gradient. Ranks must hold bit-identical matrices; the two runs agree up to float reduction order."""

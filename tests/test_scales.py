@@ -210,6 +210,14 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
     assert metrics["ppl_quant_after"] > 1 and metrics["guard"] == {"kept": "learned"}
     assert metrics["scales"]["vectors"] == 8 and metrics["scales"]["init"] == "smoothquant"
     assert metrics["activation_clips"]["count"] == 14 and 0 < metrics["activation_clips"]["min"] < 1
+    # `spinlearn eval` of the run's model reproduces the learned row: scales folded, online R3/R4, the learned clips.
+    from spinlearn.cli import main as cli
+
+    record = tmp_path / "eval.json"
+    assert cli(["eval", "--model", str(out / "model"), "--data", str(assets["test"]), "--seqlen", "32",
+                "--max-windows", "2", "--rotation", "learned", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
+                "--json", str(record)]) == 0
+    assert json.loads(record.read_text())["ppl"] == pytest.approx(metrics["ppl_quant_after"], rel=1e-5)
 
 
 def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, monkeypatch):
