@@ -154,7 +154,7 @@ def shard_for_training(trainer, learned: list[nn.Parameter]) -> int:
 
 def check_replicated(params, what: str = "learned tensors") -> None:
     """Raise on every rank if ``params`` are not bit-identical on all ranks: each rank compares its tensors with
-    rank 0's (one broadcast of the bank, a temporary copy of one tensor at a time), then the verdict is shared."""
+    rank 0's (one broadcast per tensor, a temporary copy of one tensor at a time), then the verdict is shared."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:

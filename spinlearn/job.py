@@ -167,7 +167,8 @@ class RotationJob:
                 handle.remove()
 
     def train(self) -> None:
-        """Attach the rotations (the only trainable tensors), measure the start, learn them with the Trainer."""
+        """Attach the rotations (with any learned scales and clip ratios, the only trainable tensors), measure the
+        start, learn them with the Trainer."""
         cfg = self.cfg
         self.plan = prepare_model(self.model, cfg.rotation.layout)
         self.start = {k: v.double().cpu() for k, v in make_matrices(self.plan, mode=cfg.rotation.init,
