@@ -39,7 +39,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .choices import BITS_RANGE, EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
+from .choices import EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
 from .choices import SCALES_INITS
 
 __all__ = [
@@ -508,12 +508,12 @@ def _check_train_values(cfg: DictConfig, errors: list[str]) -> None:
 
 def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     need, one_of, positive, groupsize = _value_checks(cfg, errors)
-    lo, hi = BITS_RANGE
     for key in ("quant.w_bits", "quant.a_bits", "quant.kv_bits", "quant.lm_head_bits", "quant.gptq.w_bits"):
         v = OmegaConf.select(cfg, key)
         if key == "quant.gptq.w_bits" and v is None:
             continue
-        need(lo <= v <= hi, key, f"bits must be in {lo}..{hi} (16 = not quantized)")
+        if msg := check_bits(v, key):
+            errors.append(msg)
 
     d, q, r = cfg.data, cfg.quant, cfg.rotation
     one_of("model.dtype", TRAIN_DTYPES)

@@ -252,12 +252,14 @@ def recorded_activation_clips(model_dir: str | Path) -> Path | None:
 
 
 def _activation_clips(activation_clips, path, is_run_model: bool, quant: QuantSettings) -> dict | None:
-    """The clip table to apply: a file given, the run's recorded one (``None``: the default for a run's model), or
-    none (``"none"``)."""
+    """The clip table to apply: a table or a file given, the run's recorded one (``None``: the default for a run's
+    model), or none (``"none"``). Clip ratios only act on quantized activations."""
     from .artifacts import load_rotations
 
-    if activation_clips == "none":
+    if activation_clips == "none" or isinstance(activation_clips, dict) and not quant.a.enabled:
         return None
+    if isinstance(activation_clips, dict):
+        return activation_clips
     file = Path(activation_clips) if activation_clips is not None else (
         recorded_activation_clips(path) if is_run_model else None)
     if file is None:
@@ -265,10 +267,10 @@ def _activation_clips(activation_clips, path, is_run_model: bool, quant: QuantSe
     if not quant.a.enabled:
         if activation_clips is None:
             return None  # the run's clips only matter when activations are quantized
-        raise ValueError(f"--activation-clips {file}: clip ratios apply to quantized activations; pass --a-bits 4 (or "
-                         "another width below 16)")
+        raise ValueError(f"activation clip ratios ({file}) apply to quantized activations: quantize them (a_bits "
+                         "below 16)")
     if not file.is_file():
-        raise FileNotFoundError(f"--activation-clips {str(file)!r} does not exist")
+        raise FileNotFoundError(f"activation clip ratios {str(file)!r}: no such file")
     return load_rotations(file)
 
 
@@ -322,7 +324,7 @@ def evaluate_setting(
     tasks=None,
     tokenizer=None,
     task_limit: int | None = None,
-    activation_clips: str | Path | None = None,
+    activation_clips: str | Path | dict | None = None,
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
@@ -330,7 +332,8 @@ def evaluate_setting(
     ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
     r3/r4/online add online Hadamards (``online.online_linears``; their weight half is folded first); a learned
     run's model also gets the ones its recipe used (``run_online_settings``), and the activation clip ratios it
-    learned (``activation_clips``: None = the run's recorded ones, a file's path, or "none"). w_method "gptq" runs
+    learned (``activation_clips``: None = the run's recorded ones, a file's path, a table, or "none"). w_method
+    "gptq" runs
     ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
     with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
     A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.

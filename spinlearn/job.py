@@ -399,6 +399,7 @@ class RotationJob:
             self.model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
             gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
             r3=cfg.rotation.r3, online=self.online, batch_size=cfg.eval.batch_size, progress=self.main,
+            activation_clips=self.learned_clips or "none",  # what the learned row used (W16A4KV4 recipes)
         )
         self.metrics["rows"][label] = res["ppl"]
         self.metrics["ppl_gptq"] = res["ppl"]

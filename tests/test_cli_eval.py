@@ -161,6 +161,9 @@ def test_run_model_gets_the_activation_clips_its_run_learned(env, tmp_path, caps
     given = eval_json(root, model, "--a-bits", 4, "--activation-clips", clips)  # any model, a file given
     assert given["ppl"] == pytest.approx(reference["ppl"], rel=1e-9)
     assert eval_json(root, run_model, "--rotation", "learned")["settings"]["activation_clips"] == 0  # float: unused
+    gptq = eval_json(root, run_model, "--rotation", "learned", "--a-bits", 4, "--w-bits", 4, "--w-method", "gptq",
+                     "--calib-data", root / "train.txt", "--nsamples", 4)  # the job's GPTQ row uses them too
+    assert gptq["settings"]["activation_clips"] == len(names)
     capsys.readouterr()
     assert run("--model", model, "--data", root / "test.txt", "--activation-clips", clips) == 2
     assert "clip ratios apply to quantized activations" in capsys.readouterr().err

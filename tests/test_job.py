@@ -316,8 +316,8 @@ BAD_INPUTS = {
     "short_data": ({"data.nsamples": 5000}, r"calibration data too short: it has {ntok} tokens.* 5000 x 32 = 160000"),
     "hub_offline": ({"data.train": "wikitext2"}, r"cannot load hub dataset 'wikitext2'.*HF_HUB_OFFLINE"),
     "max_steps_unset": ({"train.max_steps": -1}, r"train.max_steps: max_steps must be > 0"),
-    "bits_low": ({"quant.w_bits": 1}, r"quant.w_bits: bits must be in 2..16"),
-    "bits_high": ({"quant.kv_bits": 17}, r"quant.kv_bits: bits must be in 2..16"),
+    "bits_low": ({"quant.w_bits": 1}, r"quant.w_bits=1 is out of range: bits must be an integer in 2..16"),
+    "bits_high": ({"quant.kv_bits": 17}, r"quant.kv_bits=17 is out of range: bits must be an integer in 2..16"),
     "r3_head_dim": ({"rotation.r3": "true", "model.path": "{hd10}"}, r"rotation.r3: .*no order 10 \(head_dim"),
 }
 
