@@ -353,9 +353,8 @@ def gpu_table(args) -> int:
         print("--gpu: no CUDA device here", file=sys.stderr)
         return 2
     config = str(args.model_config or GPU_CONFIG)
-    seqlens = args.seqlens if args.seqlens != [512, 2048] else [2048]
     rows = []
-    for seqlen in seqlens:
+    for seqlen in args.seqlens:
         for label, mode in GPU_MODES.items():
             spec = dict(seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
                         r4=not args.no_r4, layers=args.layers, config=config, device="cuda", dtype="bfloat16",
@@ -392,7 +391,7 @@ def gpu_table(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--seqlens", type=int, nargs="+", help="default: 512 2048 (--gpu: 2048)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-r3", action="store_true", help="rotation step without the online R3 Hadamard")
@@ -412,6 +411,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dist-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.seqlens = args.seqlens or ([2048] if args.gpu else [512, 2048])
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0

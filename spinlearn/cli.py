@@ -96,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
-    from .evaluate import evaluate_setting, learned_source
+    from .evaluate import check_activation_clips_file, evaluate_setting, learned_source
     from .artifacts import load_rotations
     from .loading import check_model_dir, check_seqlen, load_tokenizer, parse_dtype
     from .quant import QuantSettings
@@ -112,11 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.rotations and args.rotation != "learned":
         raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
     if args.activation_clips not in (None, "none"):
-        if args.a_bits >= 16:
-            raise ValueError(f"--activation-clips {args.activation_clips}: clip ratios apply to quantized activations; "
-                             "pass --a-bits 4 (or another width below 16)")
-        if not Path(args.activation_clips).is_file():
-            raise FileNotFoundError(f"--activation-clips {args.activation_clips!r} does not exist")
+        check_activation_clips_file(args.activation_clips, args.a_bits < 16)
     parse_dtype(args.dtype)
     if args.tasks and not _lm_eval_available():
         raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")

@@ -251,27 +251,29 @@ def recorded_activation_clips(model_dir: str | Path) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def check_activation_clips_file(file: str | Path, activations_quantized: bool) -> Path:
+    """A clip-ratio file given explicitly must exist and meet quantized activations (cheap: nothing is loaded)."""
+    if not activations_quantized:
+        raise ValueError(f"--activation-clips {file}: clip ratios apply to quantized activations; pass --a-bits 4 (or "
+                         "another width below 16)")
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"--activation-clips {str(file)!r} does not exist")
+    return Path(file)
+
+
 def _activation_clips(activation_clips, path, is_run_model: bool, quant: QuantSettings) -> dict | None:
     """The clip table to apply: a table or a file given, the run's recorded one (``None``: the default for a run's
     model), or none (``"none"``). Clip ratios only act on quantized activations."""
     from .artifacts import load_rotations
 
-    if activation_clips == "none" or isinstance(activation_clips, dict) and not quant.a.enabled:
+    if activation_clips == "none":
         return None
     if isinstance(activation_clips, dict):
-        return activation_clips
-    file = Path(activation_clips) if activation_clips is not None else (
-        recorded_activation_clips(path) if is_run_model else None)
-    if file is None:
-        return None
-    if not quant.a.enabled:
-        if activation_clips is None:
-            return None  # the run's clips only matter when activations are quantized
-        raise ValueError(f"activation clip ratios ({file}) apply to quantized activations: quantize them (a_bits "
-                         "below 16)")
-    if not file.is_file():
-        raise FileNotFoundError(f"activation clip ratios {str(file)!r}: no such file")
-    return load_rotations(file)
+        return activation_clips if quant.a.enabled else None
+    if activation_clips is not None:
+        return load_rotations(check_activation_clips_file(activation_clips, quant.a.enabled))
+    file = recorded_activation_clips(path) if is_run_model else None
+    return load_rotations(file) if file is not None and quant.a.enabled else None
 
 
 def _spec_dict(spec: QuantSpec) -> dict:
