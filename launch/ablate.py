@@ -28,17 +28,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train_rotations.py"
 METRICS_FILE = "metrics.json"  # spinlearn.artifacts' name; read here without importing torch
-# cell -> recipe overrides (issue 8's rows). Every cell sets the three switches, whatever the recipe says;
+# cell -> recipe overrides (issue 8's rows). Every cell sets the four switches, whatever the recipe says;
 # "KL" = distillation alone, KL(float teacher || quantized student), no cross-entropy.
 CE = ["loss.ce_weight=1", "loss.kl_weight=0"]
 KL = ["loss.ce_weight=0", "loss.kl_weight=1"]
 CELLS = {
-    "learned R1/R2": ["rotation.learn_scales=false", "quant.learn_a_clip=false", *CE],
-    "+ scales": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *CE],
-    "+ scales + KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *KL],
-    "+ scales + top-32 KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", *KL, "loss.kl_topk=32"],
-    "+ scales + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", *CE],
-    "+ scales + KL + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", *KL],
+    "learned R1/R2": ["rotation.learn_scales=false", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *CE],
+    "+ scales": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *CE],
+    "+ scales + KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *KL],
+    "+ scales + top-32 KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *KL,
+                             "loss.kl_topk=32"],
+    "+ scales + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", "quant.learn_w_clip=false", *CE],
+    "+ scales + KL + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", "quant.learn_w_clip=false", *KL],
+    "+ scales + clip + weight clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true",
+                                      "quant.learn_w_clip=true", *CE],
 }
 ONLINE = {"off": ["rotation.r3=false", "rotation.r4=false"], "on": ["rotation.r3=true", "rotation.r4=true"]}
 QUIET = ["train.report_to=[none]", "export.schemes=[]", "overwrite_output_dir=true"]

@@ -19,6 +19,9 @@ build, one warm-up step, then the median of --repeats timed steps), so that its 
                        activations per token, K/V per head), R1 + per-layer R2 computed into the weights on the
                        fly, online R3/R4 Hadamards, CE loss, backward to the rotations, gradient clipping at 1.0
                        and a Cayley SGD step (with the per-step polar re-orthonormalisation).
+  * W16A4KV4           the same with 16-bit weights (recipes that run GPTQ after training), once with the matrices
+                       computed into the weights and once on the activations around each quantizer
+                       (``rotation.apply: activations``, the default for such recipes: spinlearn.activation_side).
 
 Target (issue): rotation step <= 1.5x the float fwd+bwd in time and in peak memory at seqlen 2048.
 
@@ -37,7 +40,8 @@ MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would ot
 --gpu builds a random-weight model from --model-config (default: launch/configs/llama3_8b/config.json, Llama-3-8B)
 in bfloat16 on the first CUDA GPU and measures, at --seqlens (default 2048) and --batch: the float forward+backward
 (every weight's gradient), the rotation step with float32 rotation products, the same with TF32 products
-(``train.tf32: true``), the latter with gradient checkpointing, and with learned scales and clip ratios too. Peak =
+(``train.tf32: true``), the latter with gradient checkpointing, and with learned scales and clip ratios too; then
+W16A4KV4 steps with the matrices on the weights (TF32) and on the activations. Peak =
 torch.cuda.max_memory_allocated of the measuring process, set beside `spinlearn plan`'s estimate for the same
 settings (single process).
 """
@@ -53,7 +57,16 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("float", "float_emb", "rotation")
+# mode -> what the table calls it; the rotation modes' quantizers and where their matrices act
+MODES = {
+    "float": "float fwd+bwd",
+    "float_emb": "float fwd+bwd, emb grad only",
+    "rotation": "rotation step, W4A4KV4 (weights)",
+    "rotation_w16": "rotation step, W16A4KV4 on the weights",
+    "rotation_w16_act": "rotation step, W16A4KV4 on the activations",
+}
+ROTATION_QUANT = {"rotation": dict(w_bits=4, a_bits=4, kv_bits=4), "rotation_w16": dict(a_bits=4, kv_bits=4),
+                  "rotation_w16_act": dict(a_bits=4, kv_bits=4)}
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
 
@@ -74,6 +87,8 @@ GPU_MODES = {
     "rotation, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True),
     "rotation + scales + clips, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True,
                                                            scales=True),
+    "W16A4KV4 rotation on the weights, tf32": dict(mode="rotation_w16", tf32=True),
+    "W16A4KV4 rotation on the activations": dict(mode="rotation_w16_act"),
 }
 
 
@@ -97,7 +112,7 @@ def build_model(layers: int | None = None, config: str | None = None, device: st
 
 def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     """A closure running one step of `mode` on `model` (prepared as that mode needs); ``scales``: learned scales
-    and activation clip ratios beside the rotations (Adam, as RotationTrainer does)."""
+    and activation and weight clip ratios beside the rotations (Adam, as RotationTrainer does)."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -113,7 +128,7 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
 
         return step
 
-    from spinlearn.fakequant import activation_clip_params, rotations_attached
+    from spinlearn.fakequant import activation_clip_params, rotations_attached, weight_clip_params
     from spinlearn.online import online_linears
     from spinlearn.optim import MultiOptimizer
     from spinlearn.quant import QuantSettings
@@ -122,14 +137,17 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     from spinlearn.trainer import make_optimizer
 
     plan = prepare_model(model, "transformer_universal")
-    quant = QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)
+    quant = QuantSettings.from_flags(**ROTATION_QUANT[mode])
+    on_activations = mode == "rotation_w16_act"
     bank_scales = ScaleBank(plan_scales(model, plan, log=False, head_quantized=False)) if scales else None
     attached = rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0), quant=quant, r3=r3,
-                                  online=online_linears(model, r4=r4), scales=bank_scales, learn_a_clip=scales)
+                                  online=online_linears(model, r4=r4), scales=bank_scales, learn_a_clip=scales,
+                                  learn_w_clip=scales and quant.w.enabled, rotate_activations=on_activations)
     bank = attached.__enter__().bank  # stays attached for the life of this benchmark process
     params = list(bank.parameters())
     opt = make_optimizer("cayley_sgd", params, lr=1.5, momentum=0.9)
-    extra = [*bank_scales.parameters(), *activation_clip_params(model).values()] if scales else []
+    extra = ([*bank_scales.parameters(), *activation_clip_params(model).values(), *weight_clip_params(model).values()]
+             if scales else [])
     if extra:
         opt = MultiOptimizer([opt, torch.optim.Adam(extra, lr=1e-2, foreach=False)])
 
@@ -144,8 +162,10 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     # The step must own the attachment: a generator context manager nobody references is closed by the garbage
     # collector, which removes the wrappers (the step would then time the plain model).
     step.attached = attached
-    if not any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise RuntimeError("the rotation step's model has no rotated weights")
+    rotated = any(parametrize.is_parametrized(m) for m in model.modules()) if not on_activations else any(
+        getattr(m, "basis", None) is not None for m in model.modules())
+    if not rotated:
+        raise RuntimeError(f"the rotation step's model has no rotated {'activations' if on_activations else 'weights'}")
     return step
 
 
@@ -201,7 +221,7 @@ def profile_step(step, rows: int = 18) -> str:
 
 def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
-                r4=not args.no_r4, profile=args.profile and mode == "rotation", checkpointing=checkpointing,
+                r4=not args.no_r4, profile=args.profile and mode.startswith("rotation"), checkpointing=checkpointing,
                 layers=args.layers)
     try:
         return _run_child(spec)
@@ -363,7 +383,7 @@ def gpu_table(args) -> int:
                 r = _run_child(spec)
             except RuntimeError as e:  # e.g. out of memory: the row says so, the others still run
                 r = {"error": str(e).strip().splitlines()[-1][:120]}
-            if mode["mode"] == "rotation":
+            if mode["mode"] == "rotation":  # the plan models weight-side steps
                 r["plan_gib"] = plan_estimate_gib(config, seqlen, args.batch, "bfloat16",
                                                   bool(mode.get("checkpointing")))
             rows.append((seqlen, label, r))
@@ -439,16 +459,16 @@ def main(argv=None) -> int:
     online = "+".join(x for x, off in (("R3", args.no_r3), ("R4", args.no_r4)) if not off) or "no"
     layers = args.layers or MODEL["num_hidden_layers"]
     print(f"\nLlama {params / 1e6:.1f}M params (hidden 256, {layers} layers, GQA 8/2 heads, vocab 32000), batch 1, "
-          f"{args.threads} thread(s), median of {args.repeats} steps; rotation step = W4A4KV4, R1+R2 learned, "
-          f"{online} online Hadamards, Cayley SGD. Peak = VmHWM of the measuring process.\n")
-    print("| seqlen | float fwd+bwd | float fwd+bwd (emb grad only) | rotation step | time ratio | "
-          "peak RSS float | peak RSS rotation | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.threads} thread(s), median of {args.repeats} steps; rotation steps: R1+R2 learned, {online} online "
+          "Hadamards, Cayley SGD. Peak = VmHWM of the measuring process.\n")
+    print("| seqlen | step | s / step | vs float fwd+bwd | peak RSS | memory vs float |")
+    print("|---|---|---|---|---|---|")
     for seqlen in args.seqlens:
-        f, e, r = (results[f"{m}@{seqlen}"] for m in MODES)
-        print(f"| {seqlen} | {f['median_s']:.3f} s | {e['median_s']:.3f} s | {r['median_s']:.3f} s | "
-              f"{r['median_s'] / f['median_s']:.2f}x | {f['peak_mb']:.0f} MiB | {r['peak_mb']:.0f} MiB | "
-              f"{r['peak_mb'] / f['peak_mb']:.2f}x |")
+        f = results[f"float@{seqlen}"]
+        for mode, label in MODES.items():
+            r = results[f"{mode}@{seqlen}"]
+            print(f"| {seqlen} | {label} | {r['median_s']:.3f} | {r['median_s'] / f['median_s']:.2f}x | "
+                  f"{r['peak_mb']:.0f} MiB | {r['peak_mb'] / f['peak_mb']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -25,6 +25,8 @@ EXPORT_SCHEMES = ("w4a16", "w8a8", "nvfp4", "float")
 ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
 # How learned per-channel scales start (recipe ``rotation.scales_init``): all ones, or SmoothQuant's alpha rule.
 SCALES_INITS = ("ones", "smoothquant")
+# Where the learned matrices act while training (recipe ``rotation.apply``; see ``spinlearn.activation_side``).
+ROTATION_APPLY = ("auto", "weights", "activations")
 # Rotation settings `spinlearn eval` can evaluate.
 EVAL_ROTATIONS = ("none", "hadamard", "learned")
 

@@ -96,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
-    from .evaluate import check_activation_clips_file, evaluate_setting, learned_source
+    from .evaluate import check_clips_file, evaluate_setting, learned_source
     from .artifacts import load_rotations
     from .loading import check_model_dir, check_seqlen, load_tokenizer, parse_dtype
     from .quant import QuantSettings
@@ -112,7 +112,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.rotations and args.rotation != "learned":
         raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
     if args.activation_clips not in (None, "none"):
-        check_activation_clips_file(args.activation_clips, args.a_bits < 16)
+        check_clips_file(args.activation_clips, "activation", args.a_bits < 16)
+    if args.weight_clips not in (None, "none"):
+        check_clips_file(args.weight_clips, "weight", args.w_bits < 16 and args.w_method == "rtn" and not args.w_clip)
     parse_dtype(args.dtype)
     if args.tasks and not _lm_eval_available():
         raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")
@@ -141,7 +143,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         online=[g.strip() for g in args.online.split(",") if g.strip()] if args.online else None,
         dtype=args.dtype, batch_size=args.batch_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
-        task_limit=args.task_limit, activation_clips=args.activation_clips,
+        task_limit=args.task_limit, activation_clips=args.activation_clips, weight_clips=args.weight_clips,
     )
     result["settings"].update(
         data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
@@ -261,6 +263,10 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--activation-clips", default=None, metavar="FILE|none",
                    help="activation clip ratios (a run's activation_clips.safetensors) to apply; a run's model/ gets "
                    "the ones its run learned by default, 'none' turns that off")
+    e.add_argument("--weight-clips", default=None, metavar="FILE|none",
+                   help="weight clip ratios (a run's weight_clips.safetensors) for RTN weights; a run's model/ gets "
+                   "the ones its run learned by default when --w-bits/--w-groupsize match its recipe, 'none' turns "
+                   "that off")
     e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")

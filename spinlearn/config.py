@@ -40,7 +40,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .choices import EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
-from .choices import SCALES_INITS
+from .choices import ROTATION_APPLY, SCALES_INITS
 
 __all__ = [
     "RecipeError",
@@ -124,6 +124,8 @@ class QuantConfig:
     w_groupsize: int = -1  # -1 = per output channel
     w_sym: bool = True
     w_clip: bool = False  # MSE clip search for weights
+    learn_w_clip: bool = False  # learn a clip ratio per weight row (group); RTN weights, exported with the scales
+    w_clip_lr: float = 0.1  # Adam learning rate of the weight clip logits (learn_w_clip; 0.01 barely moves them, demo)
     a_sym: bool = False
     a_clip: float = 1.0  # clip ratio for activations
     learn_a_clip: bool = False  # learn one clip ratio per linear input (sigmoid; starts at a_clip, or 0.99 when 1)
@@ -146,6 +148,10 @@ class RotationConfig:
     # Online input Hadamards as module globs ("all" = every linear but lm_head); null = the down_proj set when r4
     online: Optional[list[str]] = None
     optimizer: str = "cayley_sgd"  # cayley_sgd | riemannian_sgd | riemannian_adam
+    # Where the matrices act while training: weights (R^T W R every step; needed when the weights are fake-quantized)
+    # or activations (x R around each quantizer: the same loss, cheaper; 16-bit weights); auto picks activations when
+    # quant.w_bits and quant.lm_head_bits are 16
+    apply: str = "auto"
     momentum: float = 0.0  # for cayley_sgd / riemannian_sgd (SpinQuant uses none)
     learn_scales: bool = False  # learn fusible per-channel scales with the rotations (spinlearn.scales), folded
     scales_init: str = "ones"  # ones | smoothquant (s = max|X|^alpha / max|W|^(1-alpha), rotated basis)
@@ -550,6 +556,12 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     if q.learn_a_clip:
         need(q.format == "int" and q.a_bits < 16, "quant.learn_a_clip",
              "needs quantized activations (a_bits < 16) in the int format")
+    positive("quant.w_clip_lr")
+    if q.learn_w_clip:
+        need(q.format == "int" and q.w_bits < 16 and q.w_method == "rtn", "quant.learn_w_clip",
+             "needs round-to-nearest quantized weights (w_bits < 16, w_method rtn) in the int format")
+        need(not q.w_clip, "quant.learn_w_clip", "learns the clip ratio that quant.w_clip searches for: set one of "
+             "them, not both")
     positive("quant.gptq.nsamples")
     positive("quant.gptq.block_size")
     need(0 <= q.gptq.percdamp < 1, "quant.gptq.percdamp", "must be in [0, 1) (fraction of mean diagonal)")
@@ -560,6 +572,9 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     need(is_path or layout in shipped or layout == "auto", "rotation.layout",
          f"must be a shipped layout ({' | '.join(shipped)}), a path to a layout .yaml, or auto")  # fmt: skip
     need(0 <= r.momentum < 1, "rotation.momentum", "must be in [0, 1)")
+    one_of("rotation.apply", ROTATION_APPLY)
+    need(r.apply != "activations" or (q.w_bits == 16 and q.lm_head_bits == 16), "rotation.apply",
+         "activations needs 16-bit weights while training (quant.w_bits and quant.lm_head_bits 16); use weights or auto")
     one_of("rotation.scales_init", SCALES_INITS)
     need(0 <= r.scales_alpha <= 1, "rotation.scales_alpha", "must be in [0, 1]")
     positive("rotation.scales_lr")

@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .artifacts import ACTIVATION_CLIPS_FILE, RECIPE_FILE, ROTATIONS_FILE
+from .artifacts import ACTIVATION_CLIPS_FILE, RECIPE_FILE, ROTATIONS_FILE, WEIGHT_CLIPS_FILE
 from .loading import check_safetensors  # re-exported; loading.py is its home
 from .choices import EVAL_ROTATIONS as ROTATIONS
 from .choices import WEIGHT_METHODS as W_METHODS
 from .quant import QuantSpec
-from .fakequant import set_activation_clips, wrap_model
+from .fakequant import set_activation_clips, set_weight_clips, wrap_model
 from .online import fold_online, online_linears
 from .quant import QuantSettings
 
@@ -244,36 +244,67 @@ def run_online_settings(model_dir: str | Path) -> dict:
     return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
 
 
-def recorded_activation_clips(model_dir: str | Path) -> Path | None:
-    """The learned activation clip ratios of the run a model directory belongs to (``quant.learn_a_clip``), if any."""
+CLIP_KINDS = {  # kind -> (the run's file, the CLI flag, what must be quantized for the ratios to act)
+    "activation": (ACTIVATION_CLIPS_FILE, "--activation-clips", "quantized activations; pass --a-bits 4 (or another "
+                   "width below 16)"),
+    "weight": (WEIGHT_CLIPS_FILE, "--weight-clips", "round-to-nearest int weights; pass --w-bits 4 (or another width "
+               "below 16) with --w-method rtn"),
+}
+
+
+def recorded_clips(model_dir: str | Path, kind: str) -> Path | None:
+    """The learned clip ratios (``kind`` activation: ``quant.learn_a_clip``; weight: ``quant.learn_w_clip``) of the
+    run a model directory belongs to, if any."""
     base = _run_dir(model_dir)
-    path = base / ACTIVATION_CLIPS_FILE if base is not None else None
+    path = base / CLIP_KINDS[kind][0] if base is not None else None
     return path if path is not None and path.is_file() else None
 
 
-def check_activation_clips_file(file: str | Path, activations_quantized: bool) -> Path:
-    """A clip-ratio file given explicitly must exist and meet quantized activations (cheap: nothing is loaded)."""
-    if not activations_quantized:
-        raise ValueError(f"--activation-clips {file}: clip ratios apply to quantized activations; pass --a-bits 4 (or "
-                         "another width below 16)")
+def check_clips_file(file: str | Path, kind: str, applies: bool) -> Path:
+    """A clip-ratio file given explicitly must exist and meet what it acts on (cheap: nothing is loaded)."""
+    _, flag, needs = CLIP_KINDS[kind]
+    if not applies:
+        raise ValueError(f"{flag} {file}: {kind} clip ratios apply to {needs}")
     if not Path(file).is_file():
-        raise FileNotFoundError(f"--activation-clips {str(file)!r} does not exist")
+        raise FileNotFoundError(f"{flag} {str(file)!r} does not exist")
     return Path(file)
 
 
-def _activation_clips(activation_clips, path, is_run_model: bool, quant: QuantSettings) -> dict | None:
+def _run_weight_grid(model_dir) -> tuple | None:
+    """(bits, symmetric, group size) of the run's weight quantizer, from the recipe beside its model/."""
+    from omegaconf import OmegaConf
+
+    base = _run_dir(model_dir)
+    if base is None:
+        return None
+    q = OmegaConf.load(base / RECIPE_FILE).get("quant") or {}
+    return q.get("w_bits"), q.get("w_sym", True), q.get("w_groupsize", -1)
+
+
+def _clips(given, kind: str, path, is_run_model: bool, applies: bool, recorded_applies: bool = True) -> dict | None:
     """The clip table to apply: a table or a file given, the run's recorded one (``None``: the default for a run's
-    model), or none (``"none"``). Clip ratios only act on quantized activations."""
+    model, when it ``recorded_applies``), or none (``"none"``). Clip ratios only act where ``applies``."""
     from .artifacts import load_rotations
 
-    if activation_clips == "none":
+    if given == "none":
         return None
-    if isinstance(activation_clips, dict):
-        return activation_clips if quant.a.enabled else None
-    if activation_clips is not None:
-        return load_rotations(check_activation_clips_file(activation_clips, quant.a.enabled))
-    file = recorded_activation_clips(path) if is_run_model else None
-    return load_rotations(file) if file is not None and quant.a.enabled else None
+    if isinstance(given, dict):
+        return given if applies else None
+    if given is not None:
+        return load_rotations(check_clips_file(given, kind, applies))
+    file = recorded_clips(path, kind) if is_run_model else None
+    return load_rotations(file) if file is not None and applies and recorded_applies else None
+
+
+def _eval_clips(activation_clips, weight_clips, path, run_model: bool, quant: QuantSettings, w_method: str):
+    """(activation clip table, weight clip table) an evaluation applies (see ``_clips``): weight ratios act on RTN int
+    weights, and a run's recorded ones only on the grid (bits, symmetry, group size) its recipe learned them for."""
+    clips = _clips(activation_clips, "activation", path, run_model, quant.a.enabled)
+    w = quant.w
+    rtn_int = w_method == "rtn" and w.enabled and w.format == "int" and not w.mse_clip
+    w_clips = _clips(weight_clips, "weight", path, run_model, rtn_int,
+                     run_model and _run_weight_grid(path) == (w.bits, w.sym, w.group_size))
+    return clips, w_clips
 
 
 def _spec_dict(spec: QuantSpec) -> dict:
@@ -327,6 +358,7 @@ def evaluate_setting(
     tokenizer=None,
     task_limit: int | None = None,
     activation_clips: str | Path | dict | None = None,
+    weight_clips: str | Path | dict | None = None,
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
@@ -334,7 +366,8 @@ def evaluate_setting(
     ``seed``); "learned" needs an exported model or ``rotations_file`` (see the module docstring).
     r3/r4/online add online Hadamards (``online.online_linears``; their weight half is folded first); a learned
     run's model also gets the ones its recipe used (``run_online_settings``), and the activation clip ratios it
-    learned (``activation_clips``: None = the run's recorded ones, a file's path, a table, or "none"). w_method
+    learned (``activation_clips``: None = the run's recorded ones, a file's path, a table, or "none"), and likewise
+    its learned weight clip ratios (``weight_clips``; recorded ones apply to RTN weights on the run's grid). w_method
     "gptq" runs
     ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
     with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
@@ -361,13 +394,15 @@ def evaluate_setting(
     if w_method == "gptq":
         eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
                                    progress=progress, settings=settings)
-    clips = _activation_clips(activation_clips, path, bool(is_run_model), eval_quant)
-    settings["activation_clips"] = len(clips) if clips else 0
+    clips, w_clips = _eval_clips(activation_clips, weight_clips, path, bool(is_run_model), eval_quant, w_method)
+    settings["activation_clips"], settings["weight_clips"] = len(clips or ()), len(w_clips or ())
     handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
     zero = None
     try:
         if clips:
             set_activation_clips(model, clips)
+        if w_clips:
+            set_weight_clips(model, w_clips)
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {rotation}")
         if tasks:
             zero = zero_shot(model, tokenizer or _tokenizer_for(path), tasks, batch_size=batch_size, limit=task_limit)

@@ -7,7 +7,8 @@ before each expert projection, inside ``quantized_experts_forward``); K and V ar
 quantized (after RoPE, and after the online R3 Hadamard when on) inside a registered attention function.
 ``remove()`` restores the plain module structure so the fusion code can fold the learned matrices.
 Optionally learned beside the matrices: per-channel scales (a ``scales.ScaleBank``: norm-output hooks and the same
-parametrizations) and one activation clip ratio per linear input (``ActQuantizer(learn_clip=True)``).
+parametrizations), one activation clip ratio per linear input (``ActQuantizer(learn_clip=True)``) and one weight clip
+ratio per weight row and group (``RotateQuantWeight.clip_logit``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .activation_side import ActivationBasis, check_output_sides
 from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
-from .quant import ActQuantizer, QuantSettings, QuantSpec, quantize_weight
+from .quant import (ActQuantizer, QuantSettings, QuantSpec, clip_from_logit, clip_logit_start, quantize_weight,
+                    weight_groups)
 from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
@@ -37,7 +40,8 @@ class RotateQuantWeight(nn.Module):
     (S: the diagonal learned scales of a ``ScaleBank``, when given: ``in_scale`` / ``out_scale`` keys)."""
 
     def __init__(self, bank, in_inst, out_inst, in_axis, out_axis, wspec: QuantSpec | None, online_in: bool,
-                 scales: ScaleBank | None = None, in_scale: str | None = None, out_scale: str | None = None):
+                 scales: ScaleBank | None = None, in_scale: str | None = None, out_scale: str | None = None,
+                 clip_shape: tuple[int, int] | None = None):
         super().__init__()
         self.__dict__["bank"] = bank  # not a submodule: the bank is registered once, on the model
         self.__dict__["scales"] = scales  # likewise
@@ -47,6 +51,17 @@ class RotateQuantWeight(nn.Module):
         self.wspec = wspec
         self.online_in = online_in
         self.quant_enabled = True
+        # Learned weight clipping (``clip_shape`` = [rows, groups] of the quantized weight): ratio = sigmoid(logit)
+        # per row (group), starting at LEARNED_CLIP_DEFAULT; ``fixed_clip`` is a learned table applied afterwards.
+        self.clip_logit = None if clip_shape is None else nn.Parameter(
+            torch.full(clip_shape, clip_logit_start(1.0)))
+        self.fixed_clip: torch.Tensor | None = None
+
+    def clip_ratio(self) -> torch.Tensor | None:
+        """The per-row (group) clip ratio in use, [rows, groups]: learned, fixed, or None (the spec's)."""
+        if self.clip_logit is not None:
+            return clip_from_logit(self.clip_logit)
+        return self.fixed_clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x = w.float() if w.dtype in (torch.bfloat16, torch.float16) else w
@@ -59,7 +74,7 @@ class RotateQuantWeight(nn.Module):
         if self.online_in:
             x = fast_hadamard_transform(x)  # W <- W H: the input is transformed by H online
         if self.quant_enabled and self.wspec is not None and self.wspec.enabled and x.ndim >= 2:
-            x = quantize_weight(x.reshape(-1, x.shape[-1]), self.wspec).reshape(x.shape)
+            x = quantize_weight(x.reshape(-1, x.shape[-1]), self.wspec, self.clip_ratio()).reshape(x.shape)
         return x.to(w.dtype)
 
 
@@ -177,7 +192,7 @@ def _check_expert_inputs(model: nn.Module, targets: dict) -> None:
 
 
 def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: FakeQuantHooks,
-                       learn_clip: bool = False) -> None:
+                       learn_clip: bool = False) -> ActQuantizer:
     """Fake-quantize the input of target ``t``: a forward pre-hook on a Linear-like module; for a bare expert
     tensor, a quantizer in ``quantized_experts_forward``, installed as the experts module's forward."""
     if t.module is not None:
@@ -186,7 +201,7 @@ def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: 
         mod = model.get_submodule(name.rsplit(".", 1)[0])
         attr = _experts_quantizer_attr(mod, name)
     if hasattr(mod, attr):
-        return
+        return getattr(mod, attr)
     setattr(mod, attr, ActQuantizer(spec, learn_clip=learn_clip))
     handle._attr_added.append((mod, attr))
     if t.module is not None:
@@ -194,6 +209,7 @@ def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: 
     elif "forward" not in mod.__dict__:
         mod.forward = types.MethodType(quantized_experts_forward, mod)
         handle._attr_added.append((mod, "forward"))
+    return getattr(mod, attr)
 
 
 class FakeQuantHooks:
@@ -255,6 +271,8 @@ def wrap_model(
     online_in_weights: bool = True,
     scales: ScaleBank | None = None,
     learn_a_clip: bool = False,
+    learn_w_clip: bool = False,
+    rotate_activations: bool = False,
 ) -> FakeQuantHooks:
     """Install rotations (plan + bank), online Hadamards (R3 on Q/K; input Hadamards on the linears named in
     ``online``, see ``online.online_linears``) and fake quantizers on ``model``.
@@ -265,7 +283,10 @@ def wrap_model(
     the model beside the bank) adds the learned per-channel scales: norm outputs / s (forward hooks), writers'
     output rows / s and readers' input columns * s in the parametrizations (see ``spinlearn.scales``).
     ``learn_a_clip``: every linear input's quantizer gets a learnable clip ratio (``ActQuantizer(learn_clip=True)``;
-    see ``activation_clip_table`` / ``set_activation_clips``)."""
+    see ``activation_clip_table`` / ``set_activation_clips``). ``learn_w_clip``: every int-quantized weight gets a
+    learnable clip ratio per row (group) (``weight_clip_table`` / ``set_weight_clips``). ``rotate_activations``
+    (16-bit weights only): the weights stay as they are and every quantizer quantizes in the rotated model's basis
+    instead (``spinlearn.activation_side``): the same loss, without recomputing the weights."""
     quant = quant or QuantSettings()
     handle = FakeQuantHooks(model)
     targets = addressable_targets(model, skip=(BANK_ATTR, SCALES_ATTR))
@@ -282,34 +303,69 @@ def wrap_model(
     if quant.a.enabled:
         _check_expert_inputs(model, targets)  # refuse before anything is installed
 
+    if rotate_activations and (quant.w.enabled or quant.lm_head.enabled):
+        raise ValueError(f"rotations on the activations need 16-bit weights (got {quant.name}, lm_head "
+                         f"{quant.lm_head.bits} bits): fake-quantized weights must be rotated themselves")
+    bases: dict[tuple, ActivationBasis] = {}  # (parent module, T) -> the basis its quantizers share
     for name, t in targets.items():
         is_head = lm_head is not None and t.module is lm_head
         skip_quant = isinstance(t.module, nn.Embedding) or any(fnmatch.fnmatchcase(name, g) for g in QUANT_SKIP)
         wspec = None if skip_quant else (quant.lm_head if is_head else quant.w)
-        entry = sides.get(id(t.weight))
-        online_w = name in online_names and online_in_weights
-        rotates = entry is not None and (entry["input"] or entry["output"])
+        entry = sides.get(id(t.weight)) or {"input": None, "output": None}
         s_in, s_out = scale_in.get(name), scale_out.get(name)
-        if rotates or online_w or (wspec is not None and wspec.enabled) or s_in or s_out:
-            owner, pname = _owner_and_param(model, t)
-            par = RotateQuantWeight(
-                bank, entry["input"] if entry else None, entry["output"] if entry else None,
-                t.in_axis, t.out_axis, wspec, online_w, scales, s_in, s_out,
-            )
-            parametrize.register_parametrization(owner, pname, par, unsafe=True)
-            handle._parametrized.append((owner, pname))
-            out_inst = entry["output"] if entry else None
-            if (out_inst or s_out) and t.bias is not None:
-                bpar = RotateQuantWeight(bank, None, out_inst, None, -1, None, False, scales, None, s_out)
-                parametrize.register_parametrization(owner, "bias", bpar, unsafe=True)
-                handle._parametrized.append((owner, "bias"))
-        if name in online_names:
-            handle._hooks.append(t.module.register_forward_pre_hook(online_input_hook, with_kwargs=True))
+        if not rotate_activations:
+            _parametrize_weight(model, handle, t, entry, wspec, name in online_names and online_in_weights,
+                                bank, scales, s_in, s_out, learn_w_clip)
+            if name in online_names:
+                handle._hooks.append(t.module.register_forward_pre_hook(online_input_hook, with_kwargs=True))
         # Activation quantization of every quantized linear's input (3-D experts: both projections, per expert).
         if not skip_quant and not is_head and quant.a.enabled:
-            _install_act_quant(model, name, t, quant.a, handle, learn_a_clip)
+            q = _install_act_quant(model, name, t, quant.a, handle, learn_a_clip)
+            if rotate_activations:  # the input's basis in the rotated model (spinlearn.activation_side)
+                q.basis = _shared_basis(model, handle, bases, name, ActivationBasis(bank, entry["input"], scales,
+                                                                                      s_in, name in online_names))
 
-    # Norm biases kept in place (OPT's final LayerNorm) rotate with the residual stream.
+    if not rotate_activations:
+        _install_residual_extras(model, handle, sides, bank, scales)
+    _install_kv(model, quant, r3, handle)
+    if rotate_activations:
+        handled = _kv_bases(model, targets, sides, bank, scales, scale_out)
+        if plan is not None:
+            check_output_sides(plan, handled)
+    return handle
+
+
+def _shared_basis(model, handle, bases: dict, name: str, basis: ActivationBasis) -> ActivationBasis:
+    """One basis per parent module and T (q/k/v of an attention block, gate/up of an MLP share theirs, so T(x) is
+    computed once); it forgets its T(x) when the parent's forward ends."""
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    shared = bases.setdefault((parent, basis.key), basis)
+    if shared is basis:
+        handle._hooks.append(model.get_submodule(parent).register_forward_hook(basis.clear))
+    return shared
+
+
+def _parametrize_weight(model, handle, t, entry, wspec, online_w, bank, scales, s_in, s_out, learn_w_clip) -> None:
+    """The weight-side wrapper of one target (and of its bias when the output side rotates or scales): rotations,
+    scales, the online Hadamard's weight half and the weight quantizer, whichever apply."""
+    rotates = entry["input"] or entry["output"]
+    if not (rotates or online_w or (wspec is not None and wspec.enabled) or s_in or s_out):
+        return
+    owner, pname = _owner_and_param(model, t)
+    learn_clip = learn_w_clip and wspec is not None and wspec.enabled and wspec.format == "int"
+    par = RotateQuantWeight(bank, entry["input"], entry["output"], t.in_axis, t.out_axis, wspec, online_w, scales,
+                            s_in, s_out, clip_shape=weight_groups(t.weight.shape, wspec) if learn_clip else None)
+    parametrize.register_parametrization(owner, pname, par, unsafe=True)
+    handle._parametrized.append((owner, pname))
+    if (entry["output"] or s_out) and t.bias is not None:
+        bpar = RotateQuantWeight(bank, None, entry["output"], None, -1, None, False, scales, None, s_out)
+        parametrize.register_parametrization(owner, "bias", bpar, unsafe=True)
+        handle._parametrized.append((owner, "bias"))
+
+
+def _install_residual_extras(model, handle, sides: dict, bank, scales) -> None:
+    """Weight-side only: norm biases kept in place (OPT's final LayerNorm) rotate with the residual stream; norm
+    outputs are divided by their learned scales (before the readers' pre-hooks: quantizers, online Hadamards)."""
     for entry in sides.values():
         t = entry["target"]
         if t.module is not None and t.weight is getattr(t.module, "bias", None) and t.weight.ndim == 1:
@@ -317,13 +373,28 @@ def wrap_model(
                 par = RotateQuantWeight(bank, None, entry["output"], None, -1, None, False)
                 parametrize.register_parametrization(t.module, "bias", par, unsafe=True)
                 handle._parametrized.append((t.module, "bias"))
-
     for p in scales.pairs if scales is not None else ():
-        if p.kind == "norm":  # before the readers' pre-hooks (activation quantizers, online Hadamards)
+        if p.kind == "norm":
             norm = model.get_submodule(p.source)
             handle._hooks.append(norm.register_forward_hook(NormScaleHook(scales, p.key)))
-    _install_kv(model, quant, r3, handle)
-    return handle
+
+
+def _kv_bases(model, targets: dict, sides: dict, bank, scales, scale_out: dict) -> set[str]:
+    """Activation side: the K/V cache quantizers quantize in the basis of k_proj's / v_proj's output (R2 and the
+    v -> o scale on V). Returns the target names accounted for."""
+    handled = set()
+    for attn_name, mod in attention_modules(model):
+        kv = getattr(mod, "spinlearn_kv", None)
+        for proj, quantizer in (("k_proj", getattr(kv, "k_quant", None)), ("v_proj", getattr(kv, "v_quant", None))):
+            tname = f"{attn_name}.{proj}"
+            t = targets.get(tname)
+            if t is None:
+                continue
+            handled.add(tname)
+            out = (sides.get(id(t.weight)) or {}).get("output")
+            if quantizer is not None and (out or scale_out.get(tname)):
+                quantizer.basis = ActivationBasis(bank, out, scales, scale_out.get(tname))
+    return handled
 
 
 def _install_kv(model: nn.Module, quant: QuantSettings, r3: bool, handle: FakeQuantHooks) -> None:
@@ -351,6 +422,8 @@ def rotations_attached(
     bank: RotationBank | None = None,
     scales: ScaleBank | None = None,
     learn_a_clip: bool = False,
+    learn_w_clip: bool = False,
+    rotate_activations: bool = False,
 ) -> Iterator[FakeQuantHooks]:
     """Learnable rotations on a prepared model (``rotation_plan.prepare_model``), for the duration of the block.
 
@@ -362,7 +435,9 @@ def rotations_attached(
 
     ``scales``: a ``ScaleBank`` (``scales.plan_scales`` of the prepared model) learned with the rotations; it hangs
     on the model under ``SCALES_ATTR`` (so DDP sees it) and is ``handle.scales`` (None without). ``learn_a_clip``:
-    learnable activation clip ratios (``activation_clip_params(model)`` while attached; they go with the wrappers)."""
+    learnable activation clip ratios (``activation_clip_params(model)`` while attached; they go with the wrappers);
+    ``learn_w_clip``: learnable weight clip ratios (``weight_clip_params(model)``), likewise. ``rotate_activations``:
+    the matrices act on the quantizers' inputs instead of the weights (16-bit weights; ``wrap_model``)."""
     if hasattr(model, BANK_ATTR):
         raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
     device = next(model.parameters()).device
@@ -378,7 +453,8 @@ def rotations_attached(
     handle = None
     try:
         handle = wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, online=online, scales=scales,
-                            learn_a_clip=learn_a_clip)
+                            learn_a_clip=learn_a_clip, learn_w_clip=learn_w_clip,
+                            rotate_activations=rotate_activations)
         handle.bank, handle.scales = bank, scales
         yield handle
     finally:
@@ -406,26 +482,82 @@ def activation_clip_table(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, ActQuantizer) and m.clip_logit is not None}
 
 
+def _check_table_names(table: dict, quantizers: dict, kind: str) -> None:
+    """Every name of a clip table must be one of the model's ``kind`` (activation / weight) quantizers."""
+    unknown = sorted(set(table) - set(quantizers))
+    if unknown:
+        raise KeyError(f"{kind} clip table names quantizers this model does not have: {unknown[:3]} (it has "
+                       f"{sorted(quantizers)[:3]} ...; wrap the model with {kind} quantization first)")
+
+
 def set_activation_clips(model: nn.Module, table: dict[str, torch.Tensor | float]) -> None:
     """Fix the clip ratio of every activation quantizer named in ``table`` (a wrapped model, e.g. the fused model
     after ``wrap_model(quant=...)``): its spec's clip_ratio becomes the table's value. Every name must exist."""
     import dataclasses
 
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.head_dim is None}
-    unknown = sorted(set(table) - set(quantizers))
-    if unknown:
-        raise KeyError(f"activation clip table names quantizers this model does not have: {unknown[:3]} "
-                       f"(it has {sorted(quantizers)[:3]} ...; wrap the model with activation quantization first)")
+    _check_table_names(table, quantizers, "activation")
     for name, ratio in table.items():
         q = quantizers[name]
         q.spec = dataclasses.replace(q.spec, clip_ratio=float(ratio))
 
 
+# ------------------------------------------------------------------------------ learnable weight clipping
+def weight_quantizers(model: nn.Module) -> dict[str, RotateQuantWeight]:
+    """Weight name (``...q_proj.weight``, a 3-D expert tensor's name) -> the parametrization that quantizes it."""
+    found = {}
+    for name, mod in model.named_modules():
+        for pname, plist in (getattr(mod, "parametrizations", None) or {}).items():
+            for par in plist:
+                if isinstance(par, RotateQuantWeight) and par.wspec is not None and par.wspec.enabled:
+                    found[f"{name}.{pname}" if name else pname] = par
+    return found
+
+
+def weight_clip_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weight name -> its learnable clip logit [rows, groups] (``wrap_model(learn_w_clip=True)``), in model order."""
+    return {n: q.clip_logit for n, q in weight_quantizers(model).items() if q.clip_logit is not None}
+
+
+@torch.no_grad()
+def weight_clip_table(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weight name -> learned clip ratios [rows, groups] (float32): what a run saves (``weight_clips.safetensors``)
+    so that evaluations and exports quantize the weights with the scales training measured."""
+    return {n: q.clip_ratio().detach().float().cpu().clone() for n, q in weight_quantizers(model).items()
+            if q.clip_logit is not None}
+
+
+def set_weight_clips(model: nn.Module, table: dict[str, torch.Tensor]) -> None:
+    """Fix the clip ratios of every weight named in ``table`` (a model wrapped with weight quantization, e.g. the
+    fused model after ``wrap_model(quant=...)``). Every name must be a quantized weight of the table's shape."""
+    quantizers = weight_quantizers(model)
+    _check_table_names(table, quantizers, "weight")
+    for name, ratio in table.items():
+        q = quantizers[name]
+        if q.wspec.format != "int":
+            raise ValueError(f"weight clip ratios apply to int-format weights; {name!r} is quantized as "
+                             f"{q.wspec.format}")
+        expected = _clip_shape_of(model, name, q.wspec)
+        if tuple(ratio.shape) != expected:
+            raise ValueError(f"weight clip ratios for {name!r} have shape {tuple(ratio.shape)}; this quantizer "
+                             f"(group size {q.wspec.group_size}) needs {expected} [rows, groups]: evaluate with the "
+                             "run's weight group size, or without its weight clips")
+        q.fixed_clip = ratio.detach().float()
+
+
+def _clip_shape_of(model: nn.Module, name: str, spec: QuantSpec) -> tuple[int, int]:
+    owner_name, pname = name.rsplit(".", 1) if "." in name else ("", name)
+    owner = model.get_submodule(owner_name)
+    return weight_groups(owner.parametrizations[pname].original.shape, spec)
+
+
 @contextlib.contextmanager
 def learned_extras_off(model: nn.Module) -> Iterator[None]:
     """The attached model as its start: learned scales at 1 (``ScaleBank.identity``) and every learnable clip ratio
-    replaced by its spec's fixed one, for the duration of the block (measures the rotation alone)."""
-    clips = {m: m.clip_logit for m in model.modules() if isinstance(m, ActQuantizer) and m.clip_logit is not None}
+    (activations and weights) replaced by its spec's fixed one, for the duration of the block (measures the rotation
+    alone)."""
+    clips = {m: m.clip_logit for m in model.modules()
+             if isinstance(m, (ActQuantizer, RotateQuantWeight)) and m.clip_logit is not None}
     scales = getattr(model, SCALES_ATTR, None)
     try:
         for m in clips:

@@ -173,19 +173,27 @@ class RotationJob:
         self.plan = prepare_model(self.model, cfg.rotation.layout)
         self.start = {k: v.double().cpu() for k, v in make_matrices(self.plan, mode=cfg.rotation.init,
                                                                      seed=cfg.rotation.seed).items()}
-        from .fakequant import activation_clip_params, activation_clip_table, learned_extras_off
+        from .fakequant import (activation_clip_params, activation_clip_table, learned_extras_off, weight_clip_params,
+                                weight_clip_table)
+
+        from .activation_side import resolve_apply
 
         scales = self._scale_bank() if cfg.rotation.learn_scales else None
+        on_activations = resolve_apply(cfg.rotation.apply, self.quant.w.enabled or self.quant.lm_head.enabled)
+        self.metrics["rotation_apply"] = "activations" if on_activations else "weights"
+        _log("training: the matrices act on " + ("the activations around each quantizer (16-bit weights)"
+                                                  if on_activations else "the weights (R^T W R every step)"), self.main)
         with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
-                                online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip) as handle:
+                                online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip,
+                                learn_w_clip=cfg.quant.learn_w_clip, rotate_activations=on_activations) as handle:
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
                     self.metrics["ppl_quant_before"] = self._ppl(label)
-            clips = activation_clip_params(self.model)
-            self.trainer = self._make_trainer(handle.bank, scales, clips)
+            clips, w_clips = activation_clip_params(self.model), weight_clip_params(self.model)
+            self.trainer = self._make_trainer(handle.bank, scales, clips, w_clips)
             learned = [*handle.bank.parameters(), *(scales.parameters() if scales is not None else ()),
-                       *clips.values()]
+                       *clips.values(), *w_clips.values()]
             if self.fsdp:
                 self._shard(learned)
             t0 = time.perf_counter()
@@ -195,6 +203,7 @@ class RotationJob:
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
             self.learned_scales = scales.scales() if scales is not None else None
             self.learned_clips = activation_clip_table(self.model) if cfg.quant.learn_a_clip else None
+            self.learned_w_clips = weight_clip_table(self.model) if cfg.quant.learn_w_clip else None
             self._record_extras(scales)
             if self.fsdp:
                 from .distributed import check_replicated
@@ -238,8 +247,9 @@ class RotationJob:
             if self.learned_scales is not None:  # undo the scales (multiplicative) before the rotations
                 fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
             fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start), self.plan.layout.use_float64)
-            self.learned, self.learned_scales, self.learned_clips = self.start, None, None
-            self.metrics.pop("scales", None), self.metrics.pop("activation_clips", None)  # they were dropped too
+            self.learned, self.learned_scales, self.learned_clips, self.learned_w_clips = self.start, None, None, None
+            for extra in ("scales", "activation_clips", "weight_clips"):  # they were dropped too
+                self.metrics.pop(extra, None)
             self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
             self.metrics["ppl_quant_after"] = before
             del self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"]
@@ -261,6 +271,8 @@ class RotationJob:
                 artifacts.save_rotations(self.learned_scales, self.staging / artifacts.SCALES_FILE)
             if self.learned_clips is not None:  # a quantizer setting: evaluations apply it (set_activation_clips)
                 artifacts.save_rotations(self.learned_clips, self.staging / artifacts.ACTIVATION_CLIPS_FILE)
+            if self.learned_w_clips is not None:  # likewise (set_weight_clips); the exports' weight scales use it
+                artifacts.save_rotations(self.learned_w_clips, self.staging / artifacts.WEIGHT_CLIPS_FILE)
             (self.staging / artifacts.LAYOUT_FILE).write_text(self.plan.layout.to_yaml())  # as resolved (auto too)
             (self.staging / artifacts.RECIPE_FILE).write_text(recipe_to_yaml(self.cfg))
             self._exports()
@@ -287,7 +299,7 @@ class RotationJob:
             rundir.mark_run(self.out, "failed")
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _make_trainer(self, bank, scales=None, clips=None):
+    def _make_trainer(self, bank, scales=None, clips=None, weight_clips=None):
         from .data import TokenBlockDataset
         from .trainer import RotationTrainer
 
@@ -297,6 +309,7 @@ class RotationJob:
             rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
             kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight, kl_topk=cfg.loss.kl_topk,
             scales=scales, scales_lr=cfg.rotation.scales_lr, clips=clips, clips_lr=cfg.quant.a_clip_lr,
+            weight_clips=weight_clips, weight_clips_lr=cfg.quant.w_clip_lr,
             callbacks=self.callbacks or None,
         )
 
@@ -310,6 +323,10 @@ class RotationJob:
             r = torch.stack(list(self.learned_clips.values())).double()
             self.metrics["activation_clips"] = {"count": len(r), "min": r.min().item(), "mean": r.mean().item(),
                                                 "max": r.max().item()}
+        if self.learned_w_clips:
+            r = torch.cat([t.flatten() for t in self.learned_w_clips.values()]).double()
+            self.metrics["weight_clips"] = {"weights": len(self.learned_w_clips), "count": len(r), "min": r.min().item(),
+                                            "mean": r.mean().item(), "max": r.max().item()}
 
     def _scale_bank(self):
         """The learnable scales of every fusible pair, at 1 or at SmoothQuant's start (a few calibration blocks,
@@ -365,12 +382,14 @@ class RotationJob:
         return value
 
     def _ppl_fused(self, label: str) -> float:
-        from .fakequant import set_activation_clips
+        from .fakequant import set_activation_clips, set_weight_clips
 
         handle = wrap_model(self.model, quant=self.quant, r3=self.cfg.rotation.r3, online=self.online)
         try:
             if getattr(self, "learned_clips", None):
                 set_activation_clips(self.model, self.learned_clips)
+            if getattr(self, "learned_w_clips", None):
+                set_weight_clips(self.model, self.learned_w_clips)
             return self._ppl(label)
         finally:
             handle.remove()
@@ -381,6 +400,7 @@ class RotationJob:
 
         for dest in export_recipe_schemes(self.model, self.cfg, self.staging, calib_blocks=self.blocks,
                                           tokenizer_source=self.cfg.model.path, run_metrics=self.metrics,
+                                          weight_clips=self.learned_w_clips,
                                           progress=self.main):
             _log(f"export: {dest.name}/ (compressed-tensors)", self.main)
 

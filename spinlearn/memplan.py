@@ -57,6 +57,11 @@ LOGIT_F32_COPIES = 2.5
 # Float32 copies of the largest rotated tensor alive while it is rotated, beyond what autograd keeps: its rotated
 # result before the cast back to a half-precision dtype (a float32 model's result is the saved weight itself).
 WEIGHT_TRANSIENT_F32_COPIES = 1
+# rotation.apply activations: inputs quantized in the rotated basis per token and decoder layer, in widths (q, k, v,
+# gate and up read the hidden state, o_proj the attention output, down_proj the MLP's, and the V cache), and the
+# float32 copies autograd keeps of each (the quantizer's rotated output, read back through R^T).
+ROTATED_INPUTS_PER_TOKEN = {"hidden": 5, "query": 1, "intermediate": 1, "kv": 1}
+ROTATED_INPUT_F32_COPIES = 1
 # Units FSDP holds gathered at once (the current decoder layer and the prefetched next one).
 FSDP_GATHERED_LAYERS = 2
 # CUDA context, cuBLAS workspaces and caching-allocator slack per GPU (not measured: a margin).
@@ -213,12 +218,17 @@ class Settings:
     momentum: float = 0.0
     kl_weight: float = 0.0
     layout: str = "transformer_universal"
+    on_activations: bool = False  # rotation.apply resolved: the matrices act on the activations (16-bit weights)
 
     @classmethod
     def from_recipe(cls, cfg) -> Settings:
+        from .activation_side import resolve_apply
+
+        q = cfg.quant
         return cls(dtype=cfg.model.dtype, seqlen=cfg.data.seqlen, batch=cfg.train.per_device_train_batch_size,
                    gradient_checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.rotation.optimizer,
-                   momentum=cfg.rotation.momentum, kl_weight=cfg.loss.kl_weight, layout=cfg.rotation.layout)
+                   momentum=cfg.rotation.momentum, kl_weight=cfg.loss.kl_weight, layout=cfg.rotation.layout,
+                   on_activations=resolve_apply(cfg.rotation.apply, q.w_bits < 16 or q.lm_head_bits < 16))
 
     @property
     def bytes(self) -> int:
@@ -253,6 +263,10 @@ def _components(shape: ModelShape, st: Settings, *, layers: list[int], embed: bo
     temporaries = (max(per_layer, default=0) if ckpt else sum(per_layer)) + outer
     temporaries += WEIGHT_TRANSIENT_F32_COPIES * 4 * shape.largest_rotated if s < 4 else 0
     act_token = s * sum(ACT_ELEMS_PER_TOKEN[k] * shape.widths[k] for k in ACT_ELEMS_PER_TOKEN) * ACT_TRANSIENT_FACTOR
+    if st.on_activations:  # no rotated weight exists; each quantized input keeps its rotated copies instead
+        temporaries = 0.0
+        copies = ROTATED_INPUT_F32_COPIES + (1 if s < 4 else 0)  # + the float32 upcast of a half-precision input
+        act_token += 4 * copies * sum(n * shape.widths[k] for k, n in ROTATED_INPUTS_PER_TOKEN.items())
     if ckpt:  # each layer's input is kept; one layer's activations are rebuilt in the backward
         activations = tokens * (len(layers) * shape.widths["hidden"] * s + (act_token if layers else 0))
     else:
@@ -346,7 +360,8 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"{plan['model']}: {plan['architecture']}, {plan['params'] / 1e9:.2f}B parameters, {plan['layers']} layers, "
         f"{plan['rotations']} rotations (layout {plan['layout']}); {st['dtype']}, seqlen {st['seqlen']} x batch "
-        f"{st['batch']} per device{mem}. "
+        f"{st['batch']} per device{mem}; the matrices act on the "
+        f"{'activations (16-bit weights: no rotated weight is formed)' if st['on_activations'] else 'weights'}. "
         f"Estimated peak memory per GPU (GiB); the recipe has gradient checkpointing "
         f"{'on' if st['gradient_checkpointing'] else 'off'}.", "",
         "| component | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),

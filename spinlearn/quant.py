@@ -18,6 +18,7 @@ the identity: ``x + (x_hat - x).detach()``.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ __all__ = [
     "quantize_kv",
     "ActQuantizer",
     "fake_quantize_learned_clip",
+    "clip_logit_start",
+    "clip_from_logit",
+    "weight_groups",
     "quantizers_disabled",
     "QuantSettings",
 ]
@@ -128,7 +132,7 @@ def _params_for_ratio(xmin: Tensor, xmax: Tensor, ratio: Tensor | float, bits: i
 
 @torch.no_grad()
 def find_qparams(
-    x: Tensor, bits: int, sym: bool, clip_ratio: float = 1.0, mse: bool = False
+    x: Tensor, bits: int, sym: bool, clip_ratio: float | Tensor = 1.0, mse: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero point per row of the last dim of `x` (shapes [..., 1]), no gradient.
 
@@ -200,28 +204,42 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     return _fake_quantize_rows(x, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip, group)
 
 
-def quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
-    """Weight [out, in]: one scale per output channel, or per group along `in`; honours mse_clip."""
+def _check_weight_clip(w: Tensor, spec: QuantSpec, clip: Tensor) -> None:
+    rows_groups = weight_groups(w.shape, spec)
+    if spec.format != "int" or spec.mse_clip or tuple(clip.shape) != rows_groups:
+        raise ValueError(f"per-row weight clip ratios need the int format without mse_clip and shape {rows_groups} "
+                         f"[rows, groups]; got shape {tuple(clip.shape)} (format {spec.format}, "
+                         f"mse_clip {spec.mse_clip})")
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
+    """Weight [out, in]: one scale per output channel, or per group along `in`; honours mse_clip. ``clip``: a clip
+    ratio per row and group [out, in / group] (learned weight clipping) instead of the spec's; it gets a gradient."""
     if not spec.enabled:
         return w
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    return fake_quantize(w, spec)
+    if clip is None:
+        return fake_quantize(w, spec)
+    _check_weight_clip(w, spec, clip)
+    return fake_quantize_learned_clip(w, spec, clip.to(w.device).unsqueeze(-1))
 
 
 @torch.no_grad()
-def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def weight_qparams(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The integer grid's scale and zero point [out, in / group] (one column per channel) that
-    ``quantize_weight(w, spec)`` uses, so that its result is exactly ``scale * (q - zero)`` per group."""
+    ``quantize_weight(w, spec, clip)`` uses, so that its result is exactly ``scale * (q - zero)`` per group."""
     if spec.format != "int":
         raise ValueError(f"weight_qparams is for the int format; {spec.format} scales come from spinlearn.fp4")
     if w.dim() != 2:
         raise ValueError(f"weight_qparams expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    n = w.shape[-1]
-    group = n if spec.group_size == -1 else spec.group_size
-    _check_groups(n, group, "QuantSpec")
-    grouped = w.to(_compute_dtype(w)).reshape(w.shape[0], n // group, group)
-    scale, zero = find_qparams(grouped, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip)
+    rows, groups = weight_groups(w.shape, spec)
+    grouped = w.to(_compute_dtype(w)).reshape(rows, groups, w.shape[-1] // groups)
+    ratio: Tensor | float = float(spec.clip_ratio)
+    if clip is not None:
+        _check_weight_clip(w, spec, clip)
+        ratio = clip.to(device=w.device, dtype=grouped.dtype).unsqueeze(-1)
+    scale, zero = find_qparams(grouped, spec.bits, spec.sym, ratio, spec.mse_clip)
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
@@ -286,6 +304,26 @@ def fake_quantize_learned_clip(x: Tensor, spec: QuantSpec, ratio: Tensor) -> Ten
     return out.reshape(xf.shape).to(x.dtype)
 
 
+def clip_logit_start(ratio: float) -> float:
+    """The logit whose sigmoid is ``ratio`` (a ratio of 1 starts at LEARNED_CLIP_DEFAULT: a sigmoid never reaches 1)."""
+    r = float(ratio) if ratio < 1 else LEARNED_CLIP_DEFAULT
+    return torch.tensor(r / (1.0 - r), dtype=torch.float64).log().item()
+
+
+def clip_from_logit(logit: Tensor) -> Tensor:
+    """A learnable clip ratio from its logit: sigmoid(logit), the logit clamped so the ratio stays inside (0, 1)."""
+    return torch.sigmoid(logit.clamp(-CLIP_LOGIT_BOUND, CLIP_LOGIT_BOUND))
+
+
+def weight_groups(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> tuple[int, int]:
+    """[rows, groups] of a weight's quantizer statistics: rows = every entry but the last dim's (a 3-D expert tensor
+    is quantized as one stack of rows), groups = last dim / group size (1 per row with group_size -1)."""
+    n = int(shape[-1])
+    group = n if spec.group_size == -1 else spec.group_size
+    _check_groups(n, group, "QuantSpec")
+    return math.prod(int(d) for d in shape[:-1]), n // group
+
+
 class ActQuantizer(nn.Module):
     """Dynamic activation (or KV, when head_dim is set) fake quantizer that can be switched off.
 
@@ -299,23 +337,28 @@ class ActQuantizer(nn.Module):
         self.spec = spec
         self.head_dim = head_dim
         self.enabled = True
+        self.basis = None  # an activation_side.ActivationBasis: quantize in the rotated model's basis
         self.clip_logit = None
         if learn_clip:
             if head_dim is not None or spec.format != "int":
                 raise ValueError(f"a learnable clip ratio is for int-format activations only (format {spec.format!r}"
                                  f", head_dim {head_dim})")
-            r = float(spec.clip_ratio) if spec.clip_ratio < 1 else LEARNED_CLIP_DEFAULT
-            self.clip_logit = nn.Parameter(torch.tensor(r / (1.0 - r), dtype=torch.float64).log().float())
+            self.clip_logit = nn.Parameter(torch.tensor(clip_logit_start(spec.clip_ratio)))
 
     def clip_ratio(self) -> Tensor | float:
         """The clip ratio in use: sigmoid of the learnable logit (a tensor with a gradient), else the spec's."""
         if self.clip_logit is None:
             return float(self.spec.clip_ratio)
-        return torch.sigmoid(self.clip_logit.clamp(-CLIP_LOGIT_BOUND, CLIP_LOGIT_BOUND))
+        return clip_from_logit(self.clip_logit)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or not self.spec.enabled:
             return x
+        if self.basis is not None:  # learned rotations on the activations (spinlearn.activation_side)
+            return self.basis.around(self._quantize, x)
+        return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         if self.head_dim is not None:
             return quantize_kv(x, self.spec, self.head_dim)
         if self.clip_logit is not None:

@@ -94,12 +94,15 @@ class RotationLogger(TrainerCallback):
 class RotationTrainer(Trainer):
     def __init__(self, *args, bank: RotationBank, rotation_optimizer: str = "cayley_sgd", momentum: float = 0.0,
                  kl_weight: float = 0.0, ce_weight: float = 1.0, kl_topk: int | None = None,
-                 scales=None, scales_lr: float = 1e-2, clips: dict | None = None, clips_lr: float = 0.1, **kwargs):
-        """``scales`` (a ``ScaleBank``) and ``clips`` (name -> learnable clip logit, ``activation_clip_params``) are
-        learned with Adam at their own learning rates beside the rotations (``MultiOptimizer``)."""
+                 scales=None, scales_lr: float = 1e-2, clips: dict | None = None, clips_lr: float = 0.1,
+                 weight_clips: dict | None = None, weight_clips_lr: float = 1e-2, **kwargs):
+        """``scales`` (a ``ScaleBank``), ``clips`` (name -> learnable activation clip logit, ``activation_clip_params``)
+        and ``weight_clips`` (weight name -> clip logits, ``weight_clip_params``) are learned with Adam at their own
+        learning rates beside the rotations (``MultiOptimizer``)."""
         super().__init__(*args, **kwargs)
         self.scales, self.scales_lr = scales, scales_lr
         self.clips, self.clips_lr = dict(clips or {}), clips_lr
+        self.weight_clips, self.weight_clips_lr = dict(weight_clips or {}), weight_clips_lr
         if self.args.max_steps <= 0:
             raise ValueError("train.max_steps must be > 0: rotation training is step-based (SpinQuant uses 100)")
         self.bank = bank
@@ -115,6 +118,11 @@ class RotationTrainer(Trainer):
         self.rotation_logger = RotationLogger(self)
         self.add_callback(self.rotation_logger)
 
+    @property
+    def all_clips(self) -> dict:
+        """Every learned clip logit by name (activation quantizers and weights): what checkpoints hold."""
+        return {**self.clips, **self.weight_clips}
+
     # -- optimisation ---------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -122,7 +130,8 @@ class RotationTrainer(Trainer):
                 self.rotation_optimizer, list(self.bank.parameters()), self.args.learning_rate, self.momentum
             )
             groups = ([{"params": list(self.scales.parameters()), "lr": self.scales_lr}] if self.scales else []) + (
-                [{"params": list(self.clips.values()), "lr": self.clips_lr}] if self.clips else [])
+                [{"params": list(self.clips.values()), "lr": self.clips_lr}] if self.clips else []) + (
+                [{"params": list(self.weight_clips.values()), "lr": self.weight_clips_lr}] if self.weight_clips else [])
             if groups:
                 self.optimizer = MultiOptimizer([self.optimizer, torch.optim.Adam(groups, foreach=False)])
         return self.optimizer
@@ -186,8 +195,8 @@ class RotationTrainer(Trainer):
                       os.path.join(output_dir, ROTATION_PARAMS_FILE))
         if self.scales is not None:
             save_safetensors(self.scales.log_scales(), os.path.join(output_dir, LOG_SCALES_FILE))
-        if self.clips:
-            save_safetensors({n: p.detach().cpu().clone() for n, p in self.clips.items()},
+        if self.all_clips:
+            save_safetensors({n: p.detach().cpu().clone() for n, p in self.all_clips.items()},
                              os.path.join(output_dir, CLIP_LOGITS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -202,19 +211,19 @@ class RotationTrainer(Trainer):
 
     def _load_extra(self, checkpoint: str) -> None:
         """The learned scales and clip logits of a checkpoint (when this run learns them)."""
-        for wanted, name in ((self.scales is not None, LOG_SCALES_FILE), (bool(self.clips), CLIP_LOGITS_FILE)):
+        for wanted, name in ((self.scales is not None, LOG_SCALES_FILE), (bool(self.all_clips), CLIP_LOGITS_FILE)):
             if wanted and not os.path.isfile(os.path.join(checkpoint, name)):
                 raise FileNotFoundError(f"checkpoint {checkpoint!r} has no {name} (was it saved by a run that "
-                                        "learned scales / activation clips?)")
+                                        "learned scales / clip ratios?)")
         if self.scales is not None:
             self.scales.load_log_scales(load_file(os.path.join(checkpoint, LOG_SCALES_FILE)))
-        if self.clips:
+        if self.all_clips:
             saved = load_file(os.path.join(checkpoint, CLIP_LOGITS_FILE))
-            missing = sorted(set(self.clips) - set(saved))
+            missing = sorted(set(self.all_clips) - set(saved))
             if missing:
                 raise KeyError(f"checkpoint {checkpoint!r}: clip logits missing for {missing[:3]}")
             with torch.no_grad():
-                for n, p in self.clips.items():
+                for n, p in self.all_clips.items():
                     p.copy_(saved[n].to(p.dtype))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -134,13 +134,14 @@ class DumpRankRotations(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         from safetensors.torch import save_file
 
-        from spinlearn.fakequant import BANK_ATTR, activation_clip_table
+        from spinlearn.fakequant import BANK_ATTR, activation_clip_table, weight_clip_table
         from spinlearn.scales import SCALES_ATTR
 
         tensors = dict(getattr(model, BANK_ATTR).matrices())
         scales = getattr(model, SCALES_ATTR, None)  # learned scales and clip ratios too, when the recipe has them
         tensors.update({f"scale.{k}": v for k, v in (scales.scales() if scales is not None else {}).items()})
         tensors.update({f"clip.{k}": v.reshape(1) for k, v in activation_clip_table(model).items()})
+        tensors.update({f"wclip.{k}": v for k, v in weight_clip_table(model).items()})
         self.directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(self.directory / f"rank{args.process_index}.safetensors"))

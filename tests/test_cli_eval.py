@@ -169,6 +169,43 @@ def test_run_model_gets_the_activation_clips_its_run_learned(env, tmp_path, caps
     assert "clip ratios apply to quantized activations" in capsys.readouterr().err
 
 
+def test_run_model_gets_the_weight_clips_its_run_learned_on_its_grid_only(env, tmp_path, capsys):
+    """Recorded weight clip ratios (quant.learn_w_clip) apply to RTN weights on the run's grid (its recipe's bits and
+    group size); another group size leaves them out, and a file given for it is refused by shape."""
+    from spinlearn.fakequant import weight_quantizers, wrap_model
+    from spinlearn.quant import QuantSettings
+
+    root, model = env
+    m = AutoModelForCausalLM.from_pretrained(model)
+    out = tmp_path / "out"
+    save_model(m, out / "model")
+    save_file({"r1": torch.eye(64)}, out / "rotations.safetensors")
+    (out / "recipe.yaml").write_text("rotation: {r3: false, r4: false}\nquant: {w_bits: 4, w_groupsize: -1}\n")
+    handle = wrap_model(m, quant=QuantSettings.from_flags(w_bits=4))
+    shapes = {n: (q_.wspec, getattr(m.get_submodule(n.rsplit(".", 1)[0]), "weight").shape[0])
+              for n, q_ in weight_quantizers(m).items()}
+    handle.remove()
+    clips = out / "weight_clips.safetensors"
+    save_file({n: torch.full((rows, 1), 0.5) for n, (_, rows) in shapes.items()}, clips)
+
+    run_model = out / "model"
+    recorded = eval_json(root, run_model, "--rotation", "learned", "--w-bits", 4)
+    assert recorded["settings"]["weight_clips"] == len(shapes) > 0
+    plain = eval_json(root, run_model, "--rotation", "learned", "--w-bits", 4, "--weight-clips", "none")
+    assert plain["settings"]["weight_clips"] == 0 and plain["ppl"] != pytest.approx(recorded["ppl"], rel=1e-6)
+    given = eval_json(root, model, "--w-bits", 4, "--weight-clips", clips)  # any model, a file given
+    assert given["ppl"] == pytest.approx(recorded["ppl"], rel=1e-9)
+    other_grid = eval_json(root, run_model, "--rotation", "learned", "--w-bits", 4, "--w-groupsize", 8)
+    assert other_grid["settings"]["weight_clips"] == 0  # learned per channel: not for groups of 8
+    capsys.readouterr()
+    assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--w-bits", 4, "--w-groupsize", 8,
+               "--weight-clips", clips) == 2
+    err = capsys.readouterr().err
+    assert "(group size 8) needs (" in err and "[rows, groups]" in err
+    assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--weight-clips", clips) == 2
+    assert "weight clip ratios apply to round-to-nearest int weights" in capsys.readouterr().err
+
+
 def _corrupt_model(src: Path, dest: Path) -> Path:
     import shutil
 

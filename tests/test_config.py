@@ -338,3 +338,20 @@ def test_resume_from_checkpoint_values(tmp_path: Path, value: str, expected):
     assert "resume_from_checkpoint" not in training_arguments_kwargs(cfg)
     with pytest.raises(RecipeError, match="train.resume_from_checkpoint: must be latest"):
         load_recipe(write(tmp_path, MINIMAL), ["train.resume_from_checkpoint=3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["quant.learn_w_clip=true", "quant.w_bits=16"], r"quant\.learn_w_clip: needs round-to-nearest quantized "
+                                                         r"weights \(w_bits < 16, w_method rtn\)"),
+        (["quant.learn_w_clip=true", "quant.w_method=gptq"], r"quant\.learn_w_clip: needs round-to-nearest"),
+        (["quant.learn_w_clip=true", "quant.w_clip=true"], r"quant\.learn_w_clip: learns the clip ratio that "
+                                                           r"quant\.w_clip searches for"),
+        (["quant.w_clip_lr=0"], r"quant\.w_clip_lr: must be > 0"),
+    ],
+)
+def test_learned_weight_clip_settings_are_checked(tmp_path: Path, overrides, pattern):
+    with pytest.raises(RecipeError, match=pattern):
+        load_recipe(write(tmp_path, MINIMAL), overrides)
+    assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true"]).quant.learn_w_clip is True

@@ -97,8 +97,8 @@ def test_settings_float_rotation_invariance_and_quantizers(setup, monkeypatch):
     real_act, real_w = quant_mod.quantize_activation, fakequant.quantize_weight
     monkeypatch.setattr(quant_mod, "quantize_activation", lambda x, s: counts.__setitem__("act", counts["act"] + 1)
                         or real_act(x, s))
-    monkeypatch.setattr(fakequant, "quantize_weight", lambda w, s: counts.__setitem__("w", counts["w"] + 1)
-                        or real_w(w, s))
+    monkeypatch.setattr(fakequant, "quantize_weight", lambda w, s, clip=None: counts.__setitem__("w", counts["w"] + 1)
+                        or real_w(w, s, clip))
     w4a4 = evaluate_setting(fresh(setup), windows, rotation="hadamard", quant=q(4, 4, 4), progress=False)
     assert w4a4["ppl"] > float_ppl * 1.01
     assert counts["act"] > 0 and counts["w"] > 0  # the quantizers of quant.py did the work

@@ -164,3 +164,33 @@ def test_demo_w4a16_packs_to_a_sixth(tmp_path):
     spec = resolve_scheme("w4a16").quant.w
     for name in ("model.layers.0.mlp.down_proj", "model.layers.4.self_attn.q_proj"):
         assert torch.equal(dec[name]["weight"], quantize_weight(model.get_submodule(name).weight.detach(), spec))
+
+
+def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, tmp_path, capsys):
+    """A run's learned weight clip ratios are the RTN weight scales of an export on the grid they were learned for
+    (decompressed by compressed-tensors: quantize_weight with the ratios); another grid leaves them out, saying so."""
+    model, online = tiny
+    ref = _folded(model, online)
+    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    gen = torch.Generator().manual_seed(4)
+    clips = {f"{n}.weight": 0.6 + 0.35 * torch.rand(ref.get_submodule(n).weight.shape[0], 1, generator=gen)
+             for n in linears}
+    out = export_model(model, tmp_path / "clipped", scheme="w4a16", online=online, group_size=-1, progress=False,
+                       weight_clips=clips)
+    assert "weight scales from the run's learned clip ratios (14 weights)" in capsys.readouterr().err
+    _, dec = _decompress(out)
+    spec = resolve_scheme("w4a16", -1).quant.w
+    for name in linears:
+        w = ref.get_submodule(name).weight.detach()
+        clip = clips[f"{name}.weight"]
+        assert torch.equal(dec[name]["weight"], quantize_weight(w, spec, clip)), name
+        assert torch.equal(dec[name]["raw_weight_scale"], weight_qparams(w, spec, clip)[0]), name
+        assert not torch.equal(dec[name]["weight"], quantize_weight(w, spec)), name
+    recipe_grid = (4, True, -1)
+    from spinlearn.export.api import carried_weight_clips
+
+    grouped = resolve_scheme("w4a16", 8)
+    assert carried_weight_clips(clips, grouped, "rtn", recipe_grid)[0] is None  # learned per channel, exported per 8
+    assert "are not applied" in carried_weight_clips(clips, grouped, "rtn", recipe_grid)[1]
+    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid)[0] is None
+    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "rtn", recipe_grid)[0] is clips

@@ -170,3 +170,66 @@ def test_activation_clip_table_reproduces_the_learned_quantizers_on_a_fresh_wrap
     with pytest.raises(KeyError, match="does not have.*'nope.spinlearn_act'"):
         set_activation_clips(model, {"nope.spinlearn_act": 0.5})
     handle.remove()
+
+
+# ------------------------------------------------------------------------------ learned weight clip table
+def test_weight_clip_table_reproduces_the_learned_weight_quantizers_on_a_fresh_wrap():
+    from spinlearn.fakequant import (learned_extras_off, set_weight_clips, weight_clip_params, weight_clip_table,
+                                     weight_quantizers)
+
+    model = tiny_model("llama")
+    ids = _ids()
+    handle = wrap_model(model, quant=W4A4KV4, learn_w_clip=True)
+    params = weight_clip_params(model)
+    assert len(params) == 2 * 7 and set(params) == set(weight_quantizers(model))  # lm_head: 16 bits, not learned
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert params[down].shape == (model.config.hidden_size, 1)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in params.values())  # the loss reaches every ratio
+    with torch.no_grad():
+        for i, p in enumerate(params.values()):
+            p.copy_(torch.linspace(-1.0, 2.0, p.numel()).reshape(p.shape) + 0.1 * i)  # ratios 0.27 .. 0.9
+        learned = model(input_ids=ids).logits
+        with learned_extras_off(model):
+            plain_w4 = model(input_ids=ids).logits  # the spec's ratio (1.0)
+    table = weight_clip_table(model)
+    handle.remove()
+    assert not weight_clip_params(model)
+    handle = wrap_model(model, quant=W4A4KV4)
+    with torch.no_grad():
+        fixed = model(input_ids=ids).logits
+        set_weight_clips(model, table)
+        again = model(input_ids=ids).logits
+    assert torch.equal(fixed, plain_w4)
+    assert torch.equal(again, learned) and (fixed - learned).abs().max() > 1e-2
+    with pytest.raises(KeyError, match="weight clip table names quantizers this model does not have.*'nope.weight'"):
+        set_weight_clips(model, {"nope.weight": torch.ones(1, 1)})
+    with pytest.raises(ValueError, match=r"needs \(64, 1\)"):
+        set_weight_clips(model, {down: torch.ones(64, 2)})
+    handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_clips_cover_every_quantized_weight_of_every_family(family):
+    """Every quantized weight (3-D MoE experts as one stack of rows) gets its ratios, and a table taken from the
+    learned quantizers gives the same logits when set on a fresh wrap."""
+    from spinlearn.fakequant import set_weight_clips, weight_clip_params, weight_clip_table, weight_quantizers
+
+    model = tiny_model(family)
+    ids = _ids(1, 12)
+    handle = wrap_model(model, quant=W4A4KV4, learn_w_clip=True)
+    params = weight_clip_params(model)
+    assert params and set(params) == set(weight_quantizers(model))
+    with torch.no_grad():
+        for p in params.values():
+            p.fill_(0.5)  # ratio 0.62
+        learned = model(input_ids=ids).logits
+    table = weight_clip_table(model)
+    handle.remove()
+    handle = wrap_model(model, quant=W4A4KV4)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        set_weight_clips(model, table)
+        assert torch.equal(model(input_ids=ids).logits, learned) and not torch.equal(plain, learned)
+    handle.remove()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from spinlearn import distributed
-from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, ROTATIONS_FILE, SCALES_FILE
+from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, ROTATIONS_FILE, SCALES_FILE, WEIGHT_CLIPS_FILE
 from test_job import (  # noqa: F401  (assets is a fixture)
     IDS,
     ROOT,
@@ -126,17 +126,19 @@ def test_fsdp_resume_from_a_checkpoint_equals_the_uninterrupted_run(assets, fsdp
 
 def test_fsdp_replicates_learned_scales_and_clip_ratios_like_a_one_process_run(assets, tmp_path):
     """The shipped recipes learn per-channel scales and clip ratios beside the rotations: under FSDP they are
-    replicated with the rotations (bit-identical on the ranks) and train as in one process."""
-    extras = {"rotation.learn_scales": "true", "quant.learn_a_clip": "true"}
+    replicated with the rotations (bit-identical on the ranks) and train as in one process. The weight clip ratios
+    live inside the sharded decoder layers (in the weights' parametrizations) and stay whole too."""
+    extras = {"rotation.learn_scales": "true", "quant.learn_a_clip": "true", "quant.learn_w_clip": "true",
+              "quant.w_clip_lr": "0.1"}
     fsdp, dumps, single = tmp_path / "fsdp", tmp_path / "ranks", tmp_path / "single"
     launch_fsdp(assets, fsdp, dumps, **extras)
     rank0, rank1 = (load_file(dumps / f"rank{r}.safetensors") for r in (0, 1))
-    assert {k.split(".")[0] for k in rank0} >= {"r1", "scale", "clip"}
+    assert {k.split(".")[0] for k in rank0} >= {"r1", "scale", "clip", "wclip"}
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert run_main(assets, overrides_for(single, **STEPS, **extras, **{"train.per_device_train_batch_size": 4,
                                                                         "data.eval": "null"})) == 0
     assert step_losses(fsdp) == pytest.approx(step_losses(single), rel=1e-4)
-    for name in (ROTATIONS_FILE, SCALES_FILE, ACTIVATION_CLIPS_FILE):
+    for name in (ROTATIONS_FILE, SCALES_FILE, ACTIVATION_CLIPS_FILE, WEIGHT_CLIPS_FILE):
         a, b = load_file(fsdp / name), load_file(single / name)
         assert a.keys() == b.keys() and a
         assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4, name

@@ -25,12 +25,13 @@ MEDIUM = dict(SMALL, hidden_size=512, intermediate_size=1536, num_hidden_layers=
 TOLERANCE = 0.25
 
 
-def _recipe(tmp_path: Path, seqlen: int, batch: int, *, ckpt: bool = False, dtype: str = "float32") -> Path:
+def _recipe(tmp_path: Path, seqlen: int, batch: int, *, ckpt: bool = False, dtype: str = "float32",
+            w_bits: int = 4) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(
         f"model: {{path: unused, dtype: {dtype}}}\n"
         f"data: {{train: unused.txt, seqlen: {seqlen}}}\n"
-        "quant: {w_bits: 4, a_bits: 4, kv_bits: 4}\n"
+        f"quant: {{w_bits: {w_bits}, a_bits: 4, kv_bits: 4}}\n"
         "rotation: {layout: transformer_universal, r3: true, r4: true, optimizer: cayley_sgd, momentum: 0.0}\n"
         f"train: {{max_steps: 2, per_device_train_batch_size: {batch}, gradient_checkpointing: {str(ckpt).lower()}}}\n"
         "output_dir: unused\n"
@@ -56,6 +57,7 @@ def _child(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from spinlearn.activation_side import resolve_apply
     from spinlearn.config import load_recipe
     from spinlearn.fakequant import rotations_attached
     from spinlearn.online import online_linears
@@ -74,8 +76,10 @@ def _child(spec: dict) -> dict:
     plan = prepare_model(model, cfg.rotation.layout)
     ids = torch.randint(0, model.config.vocab_size, (cfg.train.per_device_train_batch_size, cfg.data.seqlen))
     online = online_linears(model, cfg.rotation.online, r4=cfg.rotation.r4)
-    with rotations_attached(model, plan, make_matrices(plan, mode=cfg.rotation.init, seed=0),
-                            quant=QuantSettings.from_recipe(cfg.quant), r3=cfg.rotation.r3, online=online) as h:
+    quant = QuantSettings.from_recipe(cfg.quant)
+    on_activations = resolve_apply(cfg.rotation.apply, quant.w.enabled or quant.lm_head.enabled)
+    with rotations_attached(model, plan, make_matrices(plan, mode=cfg.rotation.init, seed=0), quant=quant,
+                            r3=cfg.rotation.r3, online=online, rotate_activations=on_activations) as h:
         params = list(h.bank.parameters())
         opt = make_optimizer(cfg.rotation.optimizer, params, lr=1.5, momentum=cfg.rotation.momentum)
         for _ in range(spec["steps"]):
@@ -138,6 +142,12 @@ def _check_estimates(tmp_path: Path, cases: dict[str, tuple]) -> None:
 def test_estimate_within_25_percent_of_measured_cpu_peak(tmp_path):
     """Two model sizes (20M parameters with a 32000 vocabulary; 2 wider layers, 16000 vocabulary, batch 2)."""
     _check_estimates(tmp_path, {"20M": (SMALL, 256, 1, {}), "wide": (MEDIUM, 128, 2, {})})
+
+
+def test_estimate_on_the_activations_within_25_percent_of_measured_cpu_peak(tmp_path):
+    """W16A4KV4 (rotation.apply auto: the matrices on the activations, no rotated weights), two sizes."""
+    _check_estimates(tmp_path, {"20M-w16": (SMALL, 256, 1, {"w_bits": 16}),
+                                "wide-w16": (MEDIUM, 512, 2, {"w_bits": 16})})
 
 
 @pytest.mark.slow

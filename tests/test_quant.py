@@ -304,3 +304,32 @@ def test_learned_clip_ratio_stays_inside_0_1_and_x_gets_the_identity_ste():
         assert torch.isfinite(q(x)).all()
     with pytest.raises(ValueError, match="int-format activations only"):
         ActQuantizer(QuantSpec(bits=4), head_dim=8, learn_clip=True)
+
+
+# ------------------------------------------------------------------------------ per-row (group) weight clip ratios
+@pytest.mark.parametrize("group", [-1, 8])
+def test_weight_clip_per_row_and_group_is_the_float64_grid_and_its_qparams(group):
+    """quantize_weight with a clip ratio per row and group: float64 reference s = r * max|w| / 7 per group;
+    weight_qparams gives the scales of that grid (what an export stores), and the ratio gets a gradient."""
+    from spinlearn.quant import weight_groups, weight_qparams
+
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    spec = QuantSpec(bits=4, group_size=group)
+    rows, groups = weight_groups(w.shape, spec)
+    assert (rows, groups) == (6, 1 if group == -1 else 4)
+    clip = torch.linspace(0.6, 0.95, rows * groups, dtype=torch.float64).reshape(rows, groups).requires_grad_(True)
+    out = quantize_weight(w, spec, clip)
+    g = w.reshape(rows, groups, -1)
+    s = clip.detach().unsqueeze(-1) * g.abs().amax(-1, keepdim=True) / 7
+    ref = (torch.clamp(torch.round(g / s), -8, 7) * s).reshape(w.shape)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    scale, zero = weight_qparams(w, spec, clip.detach())
+    torch.testing.assert_close(scale, s.squeeze(-1), rtol=0, atol=0)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    assert not torch.equal(out, quantize_weight(w, spec))  # the ratios changed the grid
+    out.pow(2).sum().backward()
+    assert clip.grad is not None and clip.grad.abs().min() > 0
+    with pytest.raises(ValueError, match=rf"shape \(6, {groups}\) \[rows, groups\]; got shape \(6, 3\)"):
+        quantize_weight(w, spec, torch.ones(6, 3))
+    with pytest.raises(ValueError, match="without mse_clip"):
+        quantize_weight(w, QuantSpec(bits=4, group_size=group, mse_clip=True), clip.detach())

@@ -189,16 +189,21 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, CLIP_LOGITS_FILE, LOG_SCALES_FILE, SCALES_FILE
+    from spinlearn.artifacts import (ACTIVATION_CLIPS_FILE, CLIP_LOGITS_FILE, LOG_SCALES_FILE, SCALES_FILE,
+                                     WEIGHT_CLIPS_FILE)
 
     out = tmp_path / "out"
-    extra = {"rotation.learn_scales": "true", "rotation.scales_init": "smoothquant", "quant.learn_a_clip": "true"}
+    extra = {"rotation.learn_scales": "true", "rotation.scales_init": "smoothquant", "quant.learn_a_clip": "true",
+             "quant.learn_w_clip": "true", "quant.w_clip_lr": "0.1"}
     assert run_main(assets, overrides_for(out, **extra)) == 0
     scales = load_file(out / SCALES_FILE)
     assert len(scales) == 2 * 4  # per layer: 2 norms, v -> o, up -> down (lm_head stays float: no final-norm scale)
     assert all(s.dtype == torch.float64 and (s > 0).all() for s in scales.values())
     clips = load_file(out / ACTIVATION_CLIPS_FILE)
     assert len(clips) == 2 * 7 and all(0 < float(r) < 1 for r in clips.values())
+    w_clips = load_file(out / WEIGHT_CLIPS_FILE)  # one ratio per output row of every quantized weight
+    assert len(w_clips) == 2 * 7 and w_clips["model.layers.0.mlp.down_proj.weight"].shape == (64, 1)
+    assert all(((r > 0) & (r < 1)).all() for r in w_clips.values())
     assert (out / "checkpoint-2" / LOG_SCALES_FILE).is_file() and (out / "checkpoint-2" / CLIP_LOGITS_FILE).is_file()
     fused = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     norm = fused.model.layers[0].input_layernorm.weight.double()
@@ -210,7 +215,9 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
     assert metrics["ppl_quant_after"] > 1 and metrics["guard"] == {"kept": "learned"}
     assert metrics["scales"]["vectors"] == 8 and metrics["scales"]["init"] == "smoothquant"
     assert metrics["activation_clips"]["count"] == 14 and 0 < metrics["activation_clips"]["min"] < 1
-    # `spinlearn eval` of the run's model reproduces the learned row: scales folded, online R3/R4, the learned clips.
+    assert metrics["weight_clips"]["weights"] == 14 and metrics["weight_clips"]["min"] < metrics["weight_clips"]["max"]
+    # `spinlearn eval` of the run's model reproduces the learned row: scales folded, online R3/R4, the learned clips
+    # (activations and weights); without the weight clips it does not.
     from spinlearn.cli import main as cli
 
     record = tmp_path / "eval.json"
@@ -218,6 +225,11 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
                 "--max-windows", "2", "--rotation", "learned", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
                 "--json", str(record)]) == 0
     assert json.loads(record.read_text())["ppl"] == pytest.approx(metrics["ppl_quant_after"], rel=1e-5)
+    assert json.loads(record.read_text())["settings"]["weight_clips"] == 14
+    assert cli(["eval", "--model", str(out / "model"), "--data", str(assets["test"]), "--seqlen", "32",
+                "--max-windows", "2", "--rotation", "learned", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
+                "--weight-clips", "none", "--json", str(record)]) == 0
+    assert json.loads(record.read_text())["ppl"] != pytest.approx(metrics["ppl_quant_after"], rel=1e-5)
 
 
 def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, monkeypatch):

@@ -377,7 +377,7 @@ def test_kl_teacher_student_against_a_float64_reference(topk):
 
 # ------------------------------------------------------------------- learned scales and clips beside the rotations
 def _train_with_scales_and_clips(out, resume=None, seed: int = 0):
-    from spinlearn.fakequant import activation_clip_params
+    from spinlearn.fakequant import activation_clip_params, weight_clip_params
     from spinlearn.scales import ScaleBank, plan_scales
 
     model = tiny_model("llama")
@@ -387,15 +387,20 @@ def _train_with_scales_and_clips(out, resume=None, seed: int = 0):
     scales = ScaleBank(pairs, {p.key: torch.rand(p.width, generator=gen) + 0.5 for p in pairs} if seed else None)
     ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(3))
     start = make_matrices(plan, mode="hadamard", seed=seed)
-    with rotations_attached(model, plan, start, quant=W4A4KV4, scales=scales, learn_a_clip=True) as handle:
-        clips = activation_clip_params(model)
+    with rotations_attached(model, plan, start, quant=W4A4KV4, scales=scales, learn_a_clip=True,
+                            learn_w_clip=True) as handle:
+        clips, w_clips = activation_clip_params(model), weight_clip_params(model)
+        if seed:  # another start for the weight clips too
+            with torch.no_grad():
+                for p in w_clips.values():
+                    p.uniform_(0.0, 3.0, generator=gen)
         trainer = RotationTrainer(
             model=model, args=trainer_args(out, steps=4, batch=2, save_strategy="steps", save_steps=2, logging_steps=1),
             train_dataset=TokenBlockDataset(ids), bank=handle.bank, momentum=0.9, scales=scales, scales_lr=0.05,
-            clips=clips, clips_lr=0.05)
+            clips=clips, clips_lr=0.05, weight_clips=w_clips, weight_clips_lr=0.05)
         trainer.train(resume_from_checkpoint=resume)
-        return (handle.bank.parameter_tensors(), scales.log_scales(), {n: p.detach().clone() for n, p in clips.items()},
-                trainer)
+        return (handle.bank.parameter_tensors(), scales.log_scales(),
+                {n: p.detach().clone() for n, p in {**clips, **w_clips}.items()}, trainer)
 
 
 def test_scales_and_clips_learn_with_adam_and_resume_bit_exactly(tmp_path):
@@ -404,10 +409,11 @@ def test_scales_and_clips_learn_with_adam_and_resume_bit_exactly(tmp_path):
     rot, log_s, clips, trainer = _train_with_scales_and_clips(tmp_path / "a")
     opt = trainer.optimizer.optimizer  # accelerate's wrapper holds ours
     assert isinstance(opt, MultiOptimizer) and [type(o).__name__ for o in opt.optimizers] == ["CayleySGD", "Adam"]
-    assert [g["lr"] for g in opt.param_groups][1:] == [0.0, 0.0]  # the cosine schedule reached every group
+    assert [g["lr"] for g in opt.param_groups][1:] == [0.0, 0.0, 0.0]  # the cosine schedule reached every group
     assert min(v.abs().max().item() for v in log_s.values()) > 1e-3  # every scale moved away from 1
     start_logit = math.log(0.99 / 0.01)
-    assert len(clips) == 2 * 7 and all(abs(v.item() - start_logit) > 1e-3 for v in clips.values())
+    assert len(clips) == 2 * 2 * 7  # activations and weights
+    assert all((v - start_logit).abs().max().item() > 1e-3 for v in clips.values())
     assert "scale_max" in trainer.state.log_history[0]
     # the optimizer state round-trips through the safetensors flattening
     sd = opt.state_dict()

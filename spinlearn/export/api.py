@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..artifacts import MODEL_DIR, RECIPE_FILE, atomic_output_dir, atomic_write_text, check_output_dir
+from ..artifacts import (MODEL_DIR, RECIPE_FILE, WEIGHT_CLIPS_FILE, atomic_output_dir, atomic_write_text,
+                         check_output_dir)
 from ..report import format_table
 from .compressed import checkpoint_tensors, quantization_config, write_checkpoint
 from .model_card import CardInfo, model_card
@@ -67,6 +69,7 @@ def _recipe_settings(recipe) -> dict:
     g = recipe.quant.gptq
     return {"w_method": recipe.export.w_method or recipe.quant.w_method, "group_size": recipe.export.group_size,
             "w_clip": bool(recipe.quant.w_clip), "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
+            "w_grid": (recipe.quant.w_bits, recipe.quant.w_sym, recipe.quant.w_groupsize),
             "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
             "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
 
@@ -87,15 +90,19 @@ def export_w_method(scheme: str, w_method: str | None, recipe=None) -> str:
 def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: list[str] | None = None,
                  recipe=None, w_method: str | None = None, group_size: int | None = None,
                  calib_blocks: Tensor | None = None, w_clip: bool | None = None, gptq_kwargs: dict | None = None,
-                 card: CardInfo | None = None, tokenizer_source: str | Path | None = None,
-                 run_metrics: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                 weight_clips: dict | None = None, card: CardInfo | None = None,
+                 tokenizer_source: str | Path | None = None, run_metrics: dict | None = None, overwrite: bool = False,
+                 progress: bool = True) -> Path:
     """Export an in-memory fused float model (not modified: the work is done on a copy) to ``output``.
 
     ``online``: names of the linears that get an online input Hadamard (``spinlearn.online.online_linears``);
     their weights must not hold ``W H`` yet. ``recipe`` (a resolved recipe, at the end of a run) supplies the
     defaults: ``export.w_method`` / ``quant.w_method``, ``export.group_size``, ``quant.w_clip``, the GPTQ settings
     and ``quant.gptq.nsamples`` calibration windows; with it, schemes GPTQ does not apply to (nvfp4, float) use RTN.
-    ``run_metrics`` (the run's metrics dict) gives the model card its results table. Returns ``output``."""
+    ``run_metrics`` (the run's metrics dict) gives the model card its results table. ``weight_clips`` (a run's
+    learned weight clip ratios, ``weight_clips.safetensors``) set the RTN weight scales when the export quantizes
+    weights on the grid they were learned for (the recipe's bits, symmetry and group size); else a note says they
+    were left out. Returns ``output``."""
     rs = _recipe_settings(recipe) if recipe is not None else {}
     w_method = export_w_method(scheme, w_method, recipe)
     if group_size is None and scheme in GROUPED_SCHEMES:  # the recipe's group size is for the int4 schemes
@@ -114,12 +121,14 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     card = card or CardInfo()
     card.base_model, card.recipe = card.base_model or rs.get("base_model"), card.recipe or rs.get("recipe_text")
     card.source = card.source or rs.get("source")
-    card.w_method, card.notes = w_method, card.notes + serving_notes(linears, s)
+    weight_clips, clip_note = carried_weight_clips(weight_clips, s, w_method, rs.get("w_grid"))
+    card.w_method, card.notes = w_method, card.notes + serving_notes(linears, s) + ([clip_note] if clip_note else [])
     if run_metrics is not None:
         card.results = format_table(run_metrics)
     for note in card.notes:
         print(f"spinlearn export: note: {note}", file=sys.stderr)
-    values, work = _quantized_copy(model, s, linears, online, w_method, calib_blocks, gptq_kwargs, progress)
+    values, work = _quantized_copy(model, s, linears, online, w_method, calib_blocks, gptq_kwargs, weight_clips,
+                                   progress)
     tensors = checkpoint_tensors(work, values, s, transform_tensors(work, online, next(work.parameters()).dtype))
     all_linears = [n for n, m in work.named_modules() if isinstance(m, nn.Linear)]
     qconfig = quantization_config(s, [n for n in all_linears if n not in linears]) if s.quantized else None
@@ -130,7 +139,23 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     return output
 
 
-def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blocks, gptq_kwargs, progress):
+def carried_weight_clips(weight_clips: dict | None, s: ExportScheme, w_method: str,
+                         learned_grid: tuple[int, bool, int] | None) -> tuple[dict | None, str | None]:
+    """(the clips the export applies, a note for the log and the model card): a run's learned weight clip ratios
+    apply to RTN int weights on the grid (bits, symmetric, group size) they were learned for."""
+    if not weight_clips:
+        return None, None
+    w = s.quant.w
+    grid = (w.bits, w.sym, w.group_size)
+    if w_method != "rtn" or w.format != "int" or (learned_grid is not None and tuple(learned_grid) != grid):
+        return None, (f"the run's learned weight clip ratios (bits, symmetric, group size = {tuple(learned_grid or ())}"
+                      f") are not applied: scheme {s.name} quantizes weights by {w_method.upper()} as {w.format} "
+                      f"{grid}; export.group_size equal to quant.w_groupsize (RTN) would apply them")
+    return weight_clips, f"weight scales from the run's learned clip ratios ({len(weight_clips)} weights)"
+
+
+def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blocks, gptq_kwargs, weight_clips,
+                    progress):
     """A copy of ``model`` with ``W H`` folded into the online linears, and the export values of its linears."""
     from ..fakequant import wrap_model
     from ..online import fold_online
@@ -142,7 +167,7 @@ def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blo
     hooks = wrap_model(work, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
     try:
         values = quantize_linears(work, list(linears), s, w_method=w_method, calib_blocks=calib_blocks,
-                                  gptq_kwargs=gptq_kwargs, progress=progress)
+                                  gptq_kwargs=gptq_kwargs, weight_clips=weight_clips, progress=progress)
     finally:
         hooks.remove()
     return values, work
@@ -183,23 +208,27 @@ def export_run(run_dir: str | Path, scheme: str, output: str | Path, *, w_method
     online = online_linears(model, recipe.rotation.online, recipe.rotation.r4) if recipe is not None else []
     card = CardInfo(base_model=rs.get("base_model", str(model_dir)), source=str(run or model_dir),
                     recipe=rs.get("recipe_text"), run_dir=run)
+    clips_file = run / WEIGHT_CLIPS_FILE if run is not None else None
+    weight_clips = load_file(clips_file) if clips_file is not None and clips_file.is_file() else None
     return export_model(model, output, scheme=scheme, online=online, recipe=recipe, w_method=w_method,
-                        group_size=group_size, calib_blocks=calib_blocks, card=card, tokenizer_source=model_dir,
-                        overwrite=overwrite, progress=progress)
+                        group_size=group_size, calib_blocks=calib_blocks, weight_clips=weight_clips, card=card,
+                        tokenizer_source=model_dir, overwrite=overwrite, progress=progress)
 
 
 @torch.no_grad()
 def export_recipe_schemes(model: nn.Module, cfg, output_dir: str | Path, *, calib_blocks: Tensor | None = None,
                           tokenizer_source: str | Path | None = None, run_metrics: dict | None = None,
-                          progress: bool = True) -> list[Path]:
+                          weight_clips: dict | None = None, progress: bool = True) -> list[Path]:
     """``output_dir/export-SCHEME/`` for every ``cfg.export.schemes`` entry, from the fused float model (online
-    Hadamards not folded) and the resolved recipe ``cfg`` (what a training job does at its end)."""
+    Hadamards not folded), the resolved recipe ``cfg`` and the run's learned ``weight_clips`` (what a training job
+    does at its end)."""
     from ..artifacts import EXPORT_DIR_PREFIX
     from ..online import online_linears
 
     online = online_linears(model, cfg.rotation.online, cfg.rotation.r4)
     return [export_model(model, Path(output_dir) / f"{EXPORT_DIR_PREFIX}{scheme}", scheme=scheme, online=online,
                          recipe=cfg, calib_blocks=calib_blocks, tokenizer_source=tokenizer_source,
+                         weight_clips=weight_clips,
                          run_metrics=run_metrics, card=CardInfo(source=str(cfg.output_dir), run_dir=Path(output_dir)),
                          overwrite=True, progress=progress)
             for scheme in cfg.export.schemes]

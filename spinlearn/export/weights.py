@@ -58,15 +58,16 @@ def check_group_widths(linears: dict[str, nn.Linear], scheme: ExportScheme) -> N
                          f"or {hint}")
 
 
-def rtn_values(w: Tensor, scheme: ExportScheme) -> QuantizedLinear:
-    """Round-to-nearest with spinlearn's quantizer (int) or its NVFP4 quantizer."""
+def rtn_values(w: Tensor, scheme: ExportScheme, clip: Tensor | None = None) -> QuantizedLinear:
+    """Round-to-nearest with spinlearn's quantizer (int; ``clip``: a run's learned clip ratios [out, groups]) or its
+    NVFP4 quantizer."""
     spec: QuantSpec = scheme.quant.w
     if spec.format == "nvfp4":
         wf = w.detach().to(torch.float32)
         g = nvfp4_global_scale(wf.abs().amax())
         return QuantizedLinear(nvfp4_qdq(wf, global_scale=g), nvfp4_block_scales(wf, g), g)
-    scale, _ = weight_qparams(w.detach(), spec)
-    return QuantizedLinear(quantize_weight(w.detach(), spec), scale)
+    scale, _ = weight_qparams(w.detach(), spec, clip)
+    return QuantizedLinear(quantize_weight(w.detach(), spec, clip), scale)
 
 
 @torch.no_grad()
@@ -113,13 +114,15 @@ def input_amax(model: nn.Module, names: list[str], calib_blocks: Tensor) -> dict
 
 
 def quantize_linears(model: nn.Module, names: list[str], scheme: ExportScheme, *, w_method: str,
-                     calib_blocks: Tensor | None, gptq_kwargs: dict | None = None,
+                     calib_blocks: Tensor | None, gptq_kwargs: dict | None = None, weight_clips: dict | None = None,
                      progress: bool = True) -> dict[str, QuantizedLinear]:
-    """Export values for every named linear (RTN or GPTQ); NVFP4 also gets each input's static global scale."""
+    """Export values for every named linear (RTN, with a run's learned ``weight_clips`` by weight name when given,
+    or GPTQ); NVFP4 also gets each input's static global scale."""
     if w_method == "gptq":
         values = gptq_values(model, names, scheme, calib_blocks, gptq_kwargs=gptq_kwargs, progress=progress)
     else:
-        values = {n: rtn_values(model.get_submodule(n).weight, scheme) for n in names}
+        clips = weight_clips or {}
+        values = {n: rtn_values(model.get_submodule(n).weight, scheme, clips.get(f"{n}.weight")) for n in names}
     if scheme.name == "nvfp4":
         for n, a in input_amax(model, names, calib_blocks).items():
             values[n].input_global_scale = nvfp4_global_scale(a)
