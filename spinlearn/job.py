@@ -176,16 +176,10 @@ class RotationJob:
         from .fakequant import (activation_clip_params, activation_clip_table, learned_extras_off, weight_clip_params,
                                 weight_clip_table)
 
-        from .activation_side import resolve_apply
-
         scales = self._scale_bank() if cfg.rotation.learn_scales else None
-        on_activations = resolve_apply(cfg.rotation.apply, self.quant.w.enabled or self.quant.lm_head.enabled)
-        self.metrics["rotation_apply"] = "activations" if on_activations else "weights"
-        _log("training: the matrices act on " + ("the activations around each quantizer (16-bit weights)"
-                                                  if on_activations else "the weights (R^T W R every step)"), self.main)
         with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
                                 online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip,
-                                learn_w_clip=cfg.quant.learn_w_clip, rotate_activations=on_activations) as handle:
+                                learn_w_clip=cfg.quant.learn_w_clip, rotate_activations=self._on_activations()) as handle:
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
@@ -327,6 +321,17 @@ class RotationJob:
             r = torch.cat([t.flatten() for t in self.learned_w_clips.values()]).double()
             self.metrics["weight_clips"] = {"weights": len(self.learned_w_clips), "count": len(r), "min": r.min().item(),
                                             "mean": r.mean().item(), "max": r.max().item()}
+
+    def _on_activations(self) -> bool:
+        """Where the matrices act while training (``rotation.apply``, see ``spinlearn.activation_side``); said in the
+        log and in metrics.json."""
+        from .activation_side import resolve_apply
+
+        on = resolve_apply(self.cfg.rotation.apply, self.quant.w.enabled or self.quant.lm_head.enabled)
+        self.metrics["rotation_apply"] = "activations" if on else "weights"
+        _log("training: the matrices act on " + ("the activations around each quantizer (16-bit weights)" if on
+                                                  else "the weights (R^T W R every step)"), self.main)
+        return on
 
     def _scale_bank(self):
         """The learnable scales of every fusible pair, at 1 or at SmoothQuant's start (a few calibration blocks,

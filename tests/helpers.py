@@ -165,8 +165,12 @@ class DumpShardInfo(TrainerCallback):
                      "local_numel": sum(p.to_local().numel() for p in sharded),
                      "full_numel": sum(p.numel() for p in sharded),
                      "trainable_dtensors": sum(p.requires_grad for p in sharded)}
-        name, module = next((n, m) for n, m in model.named_modules()
-                            if ".layers.0." in n and hasattr(m, "parametrizations"))
+        self.hook = None
+        found = next(((n, m) for n, m in model.named_modules()
+                      if ".layers.0." in n and hasattr(m, "parametrizations")), None)
+        if found is None:  # the matrices act on the activations (rotation.apply): no weight is parametrized
+            return
+        name, module = found
         stored = module.parametrizations.weight.original
         local = stored.to_local() if isinstance(stored, DTensor) else stored
         self.info.update(probe=name, stored_type=type(stored).__name__, stored_shape=list(stored.shape),
@@ -181,6 +185,28 @@ class DumpShardInfo(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         import json
 
-        self.hook.remove()
+        if self.hook is not None:
+            self.hook.remove()
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"shards{args.process_index}.json").write_text(json.dumps(self.info))
+
+
+def loss_on_both_sides(family: str, device: str, dtype, *, seed: int = 0):
+    """The W16A4KV4 loss of one batch with the same start matrices, the matrices on the weights and on the
+    activations (``rotation.apply``), for a tiny model on ``device`` in ``dtype``: (weight side, activation side)."""
+    from spinlearn.fakequant import rotations_attached
+    from spinlearn.online import online_linears
+    from spinlearn.quant import QuantSettings
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
+    losses = []
+    for on_activations in (False, True):
+        model = tiny_model(family, seed=seed).to(device, dtype)
+        plan = prepare_model(model, layout_for(family))
+        with rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=seed),
+                                quant=QuantSettings.from_flags(a_bits=4, kv_bits=4), r3=True,
+                                online=online_linears(model, r4=True), rotate_activations=on_activations):
+            with torch.no_grad():
+                losses.append(model(input_ids=ids, labels=ids).loss.float().item())
+    return tuple(losses)

@@ -172,3 +172,11 @@ def test_readers_of_one_input_share_its_rotation_and_a_new_input_is_rotated_afre
         model(input_ids=ids)
         assert len(calls) == 1  # layer 0's q/k/v: one T(x) for three readers
         assert basis._last is None  # forgotten when the attention block's forward ended
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_a_half_precision_model_on_the_activations_gives_the_weight_side_loss(dtype, tol):
+    from helpers import loss_on_both_sides
+
+    weights, activations = loss_on_both_sides("qwen2", "cpu", dtype)
+    assert abs(activations - weights) <= tol * abs(weights)

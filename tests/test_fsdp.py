@@ -151,6 +151,25 @@ def test_fsdp_replicates_learned_scales_and_clip_ratios_like_a_one_process_run(a
         assert rel_err(exported(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
 
 
+def test_fsdp_with_the_rotations_on_the_activations_trains_like_one_process(assets, tmp_path):
+    """A W16A4KV4 recipe trains on the activations (rotation.apply auto): no weight is parametrized, FSDP shards the
+    plain weights, and the matrices stay bit-identical on the ranks and equal a one-process run's."""
+    extras = {"quant.w_bits": 16, "quant.w_method": "gptq", "rotation.learn_scales": "true"}
+    fsdp, dumps, single = tmp_path / "fsdp", tmp_path / "ranks", tmp_path / "single"
+    launch_fsdp(assets, fsdp, dumps, **extras)
+    rank0, rank1 = (load_file(dumps / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert json.loads((fsdp / "metrics.json").read_text())["rotation_apply"] == "activations"
+    for r in (0, 1):
+        info = json.loads((dumps / f"shards{r}.json").read_text())
+        assert info["dtensors"] > 0 and info["local_numel"] < info["full_numel"]  # the plain weights are sharded
+    assert run_main(assets, overrides_for(single, **STEPS, **extras, **{"train.per_device_train_batch_size": 4,
+                                                                        "data.eval": "null"})) == 0
+    assert step_losses(fsdp) == pytest.approx(step_losses(single), rel=1e-4)
+    a, b = load_file(fsdp / ROTATIONS_FILE), load_file(single / ROTATIONS_FILE)
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------ without processes
 def test_the_fsdp_request_is_claimed_from_accelerate(monkeypatch):
     for key in (distributed.FSDP_ENV, distributed.FSDP_VERSION_ENV, distributed.CLAIMED_ENV,

@@ -66,3 +66,12 @@ def test_wrapped_training_steps_on_cuda(model_dtype):
         float_logits = model(input_ids=ids).logits
     tol = 1e-3 if model_dtype == torch.float32 else 8e-2
     assert _rel(float_logits, ref) <= tol  # rotations (and R3/R4) keep the float model's function
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rotations_on_the_activations_on_cuda(dtype, tol):
+    """rotation.apply activations on CUDA: the weight-side loss (bf16: within its rounding)."""
+    from helpers import loss_on_both_sides
+
+    weights, activations = loss_on_both_sides("llama", "cuda", dtype)
+    assert abs(activations - weights) <= tol * abs(weights)
