@@ -28,20 +28,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train_rotations.py"
 METRICS_FILE = "metrics.json"  # spinlearn.artifacts' name; read here without importing torch
-# cell -> recipe overrides (issue 8's rows). Every cell sets the four switches, whatever the recipe says;
+# cell -> recipe overrides (issue 8's rows). Every cell sets every switch, whatever the recipe says;
 # "KL" = distillation alone, KL(float teacher || quantized student), no cross-entropy.
 CE = ["loss.ce_weight=1", "loss.kl_weight=0"]
 KL = ["loss.ce_weight=0", "loss.kl_weight=1"]
+SWITCHES = ("rotation.learn_scales", "quant.learn_a_clip", "quant.learn_w_clip", "quant.learn_kv_clip")
+
+
+def switches(*on: str) -> list[str]:
+    """Overrides turning the named learned extras on and every other one off."""
+    return [f"{key}={'true' if key in on else 'false'}" for key in SWITCHES]
+
+
+SCALES, A_CLIP, W_CLIP, KV_CLIP = SWITCHES
 CELLS = {
-    "learned R1/R2": ["rotation.learn_scales=false", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *CE],
-    "+ scales": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *CE],
-    "+ scales + KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *KL],
-    "+ scales + top-32 KL": ["rotation.learn_scales=true", "quant.learn_a_clip=false", "quant.learn_w_clip=false", *KL,
-                             "loss.kl_topk=32"],
-    "+ scales + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", "quant.learn_w_clip=false", *CE],
-    "+ scales + KL + clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true", "quant.learn_w_clip=false", *KL],
-    "+ scales + clip + weight clip": ["rotation.learn_scales=true", "quant.learn_a_clip=true",
-                                      "quant.learn_w_clip=true", *CE],
+    "learned R1/R2": [*switches(), *CE],
+    "+ scales": [*switches(SCALES), *CE],
+    "+ scales + KL": [*switches(SCALES), *KL],
+    "+ scales + top-32 KL": [*switches(SCALES), *KL, "loss.kl_topk=32"],
+    "+ scales + clip": [*switches(SCALES, A_CLIP), *CE],
+    "+ scales + KL + clip": [*switches(SCALES, A_CLIP), *KL],
+    "+ scales + clip + weight clip": [*switches(SCALES, A_CLIP, W_CLIP), *CE],
+    "+ scales + clip + weight clip + KV clip": [*switches(SCALES, A_CLIP, W_CLIP, KV_CLIP), *CE],
 }
 ONLINE = {"off": ["rotation.r3=false", "rotation.r4=false"], "on": ["rotation.r3=true", "rotation.r4=true"]}
 QUIET = ["train.report_to=[none]", "export.schemes=[]", "overwrite_output_dir=true"]

@@ -112,7 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.rotations and args.rotation != "learned":
         raise ValueError(f"--rotations goes with --rotation learned, not --rotation {args.rotation}")
     if args.activation_clips not in (None, "none"):
-        check_clips_file(args.activation_clips, "activation", args.a_bits < 16)
+        check_clips_file(args.activation_clips, "activation", args.a_bits < 16 or args.kv_bits < 16)
     if args.weight_clips not in (None, "none"):
         check_clips_file(args.weight_clips, "weight", args.w_bits < 16 and args.w_method == "rtn" and not args.w_clip)
     parse_dtype(args.dtype)

@@ -130,6 +130,7 @@ class QuantConfig:
     a_clip: float = 1.0  # clip ratio for activations
     learn_a_clip: bool = False  # learn one clip ratio per linear input (sigmoid; starts at a_clip, or 0.99 when 1)
     a_clip_lr: float = 0.1  # Adam learning rate of the clip logits (learn_a_clip; 0.01 barely moves them, demo)
+    learn_kv_clip: bool = False  # learn one clip ratio for each attention block's K and one for its V (a_clip_lr)
     a_groupsize: int = -1  # -1 = per token
     kv_sym: bool = False
     kv_groupsize: int = -1  # -1 = per head
@@ -557,6 +558,7 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
         need(q.format == "int" and q.a_bits < 16, "quant.learn_a_clip",
              "needs quantized activations (a_bits < 16) in the int format")
     positive("quant.w_clip_lr")
+    need(not q.learn_kv_clip or q.kv_bits < 16, "quant.learn_kv_clip", "needs a quantized K/V cache (kv_bits < 16)")
     if q.learn_w_clip:
         need(q.format == "int" and q.w_bits < 16 and q.w_method == "rtn", "quant.learn_w_clip",
              "needs round-to-nearest quantized weights (w_bits < 16, w_method rtn) in the int format")

@@ -28,7 +28,7 @@ from .loading import check_safetensors  # re-exported; loading.py is its home
 from .choices import EVAL_ROTATIONS as ROTATIONS
 from .choices import WEIGHT_METHODS as W_METHODS
 from .quant import QuantSpec
-from .fakequant import set_activation_clips, set_weight_clips, wrap_model
+from .fakequant import KV_ATTR, set_activation_clips, set_weight_clips, wrap_model
 from .online import fold_online, online_linears
 from .quant import QuantSettings
 
@@ -245,16 +245,16 @@ def run_online_settings(model_dir: str | Path) -> dict:
 
 
 CLIP_KINDS = {  # kind -> (the run's file, the CLI flag, what must be quantized for the ratios to act)
-    "activation": (ACTIVATION_CLIPS_FILE, "--activation-clips", "quantized activations; pass --a-bits 4 (or another "
-                   "width below 16)"),
+    "activation": (ACTIVATION_CLIPS_FILE, "--activation-clips", "quantized activations or K/V; pass --a-bits 4 or "
+                   "--kv-bits 4 (or another width below 16)"),
     "weight": (WEIGHT_CLIPS_FILE, "--weight-clips", "round-to-nearest int weights; pass --w-bits 4 (or another width "
                "below 16) with --w-method rtn"),
 }
 
 
 def recorded_clips(model_dir: str | Path, kind: str) -> Path | None:
-    """The learned clip ratios (``kind`` activation: ``quant.learn_a_clip``; weight: ``quant.learn_w_clip``) of the
-    run a model directory belongs to, if any."""
+    """The learned clip ratios (``kind`` activation: ``quant.learn_a_clip`` / ``learn_kv_clip``; weight:
+    ``quant.learn_w_clip``) of the run a model directory belongs to, if any."""
     base = _run_dir(model_dir)
     path = base / CLIP_KINDS[kind][0] if base is not None else None
     return path if path is not None and path.is_file() else None
@@ -299,7 +299,9 @@ def _clips(given, kind: str, path, is_run_model: bool, applies: bool, recorded_a
 def _eval_clips(activation_clips, weight_clips, path, run_model: bool, quant: QuantSettings, w_method: str):
     """(activation clip table, weight clip table) an evaluation applies (see ``_clips``): weight ratios act on RTN int
     weights, and a run's recorded ones only on the grid (bits, symmetry, group size) its recipe learned them for."""
-    clips = _clips(activation_clips, "activation", path, run_model, quant.a.enabled)
+    clips = _clips(activation_clips, "activation", path, run_model, quant.a.enabled or quant.kv.enabled)
+    if clips:  # a linear input's ratio acts with quantized activations, a K/V one with a quantized cache
+        clips = {n: r for n, r in clips.items() if (quant.kv.enabled if f".{KV_ATTR}." in n else quant.a.enabled)}
     w = quant.w
     rtn_int = w_method == "rtn" and w.enabled and w.format == "int" and not w.mse_clip
     w_clips = _clips(weight_clips, "weight", path, run_model, rtn_int,

@@ -32,6 +32,7 @@ from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
 ATTN_NAME = "spinlearn_sdpa"
+KV_ATTR = "spinlearn_kv"  # the attention module's KVQuantizers (their quantizers: KV_ATTR.k_quant / .v_quant)
 QUANT_SKIP = ROUTER_GLOBS  # MoE routers stay in float (tiny, and they pick experts)
 
 
@@ -79,17 +80,18 @@ class RotateQuantWeight(nn.Module):
 
 
 class KVQuantizers(nn.Module):
-    def __init__(self, head_dim: int, spec: QuantSpec, r3: bool):
+    def __init__(self, head_dim: int, spec: QuantSpec, r3: bool, learn_clip: bool = False):
         super().__init__()
         self.r3 = r3
-        self.k_quant = ActQuantizer(spec, head_dim=head_dim)
-        self.v_quant = ActQuantizer(spec, head_dim=head_dim)
+        learn_clip = learn_clip and spec.enabled
+        self.k_quant = ActQuantizer(spec, head_dim=head_dim, learn_clip=learn_clip)
+        self.v_quant = ActQuantizer(spec, head_dim=head_dim, learn_clip=learn_clip)
 
 
 def _spinlearn_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    st = getattr(module, "spinlearn_kv", None)
+    st = getattr(module, KV_ATTR, None)
     if st is not None:
         if st.r3:  # q H (k H)^T = q k^T: exact in float, flattens K's outliers for the KV cache
             query, key = fast_hadamard_transform(query), fast_hadamard_transform(key)
@@ -272,6 +274,7 @@ def wrap_model(
     scales: ScaleBank | None = None,
     learn_a_clip: bool = False,
     learn_w_clip: bool = False,
+    learn_kv_clip: bool = False,
     rotate_activations: bool = False,
 ) -> FakeQuantHooks:
     """Install rotations (plan + bank), online Hadamards (R3 on Q/K; input Hadamards on the linears named in
@@ -284,7 +287,8 @@ def wrap_model(
     output rows / s and readers' input columns * s in the parametrizations (see ``spinlearn.scales``).
     ``learn_a_clip``: every linear input's quantizer gets a learnable clip ratio (``ActQuantizer(learn_clip=True)``;
     see ``activation_clip_table`` / ``set_activation_clips``). ``learn_w_clip``: every int-quantized weight gets a
-    learnable clip ratio per row (group) (``weight_clip_table`` / ``set_weight_clips``). ``rotate_activations``
+    learnable clip ratio per row (group) (``weight_clip_table`` / ``set_weight_clips``); ``learn_kv_clip``: the K and
+    V quantizers of every attention block get one each (in the activation clip table). ``rotate_activations``
     (16-bit weights only): the weights stay as they are and every quantizer quantizes in the rotated model's basis
     instead (``spinlearn.activation_side``): the same loss, without recomputing the weights."""
     quant = quant or QuantSettings()
@@ -327,7 +331,7 @@ def wrap_model(
 
     if not rotate_activations:
         _install_residual_extras(model, handle, sides, bank, scales)
-    _install_kv(model, quant, r3, handle)
+    _install_kv(model, quant, r3, handle, learn_kv_clip)
     if rotate_activations:
         handled = _kv_bases(model, targets, sides, bank, scales, scale_out)
         if plan is not None:
@@ -384,7 +388,7 @@ def _kv_bases(model, targets: dict, sides: dict, bank, scales, scale_out: dict) 
     v -> o scale on V). Returns the target names accounted for."""
     handled = set()
     for attn_name, mod in attention_modules(model):
-        kv = getattr(mod, "spinlearn_kv", None)
+        kv = getattr(mod, KV_ATTR, None)
         for proj, quantizer in (("k_proj", getattr(kv, "k_quant", None)), ("v_proj", getattr(kv, "v_quant", None))):
             tname = f"{attn_name}.{proj}"
             t = targets.get(tname)
@@ -397,15 +401,17 @@ def _kv_bases(model, targets: dict, sides: dict, bank, scales, scale_out: dict) 
     return handled
 
 
-def _install_kv(model: nn.Module, quant: QuantSettings, r3: bool, handle: FakeQuantHooks) -> None:
-    """The attention function with R3 on Q/K and the K/V quantizers (when either is on)."""
+def _install_kv(model: nn.Module, quant: QuantSettings, r3: bool, handle: FakeQuantHooks,
+                learn_clip: bool = False) -> None:
+    """The attention function with R3 on Q/K and the K/V quantizers (when either is on; ``learn_clip``: a learnable
+    clip ratio each)."""
     if r3:
         check_r3(list(attention_modules(model)))
     if quant.kv.enabled or r3:
         _register_attention()
         for _, mod in attention_modules(model):
-            mod.spinlearn_kv = KVQuantizers(int(mod.head_dim), quant.kv, r3)
-            handle._attr_added.append((mod, "spinlearn_kv"))
+            setattr(mod, KV_ATTR, KVQuantizers(int(mod.head_dim), quant.kv, r3, learn_clip))
+            handle._attr_added.append((mod, KV_ATTR))
         handle._old_attn = model.config._attn_implementation
         model.config._attn_implementation = ATTN_NAME
 
@@ -423,6 +429,7 @@ def rotations_attached(
     scales: ScaleBank | None = None,
     learn_a_clip: bool = False,
     learn_w_clip: bool = False,
+    learn_kv_clip: bool = False,
     rotate_activations: bool = False,
 ) -> Iterator[FakeQuantHooks]:
     """Learnable rotations on a prepared model (``rotation_plan.prepare_model``), for the duration of the block.
@@ -436,7 +443,8 @@ def rotations_attached(
     ``scales``: a ``ScaleBank`` (``scales.plan_scales`` of the prepared model) learned with the rotations; it hangs
     on the model under ``SCALES_ATTR`` (so DDP sees it) and is ``handle.scales`` (None without). ``learn_a_clip``:
     learnable activation clip ratios (``activation_clip_params(model)`` while attached; they go with the wrappers);
-    ``learn_w_clip``: learnable weight clip ratios (``weight_clip_params(model)``), likewise. ``rotate_activations``:
+    ``learn_w_clip``: learnable weight clip ratios (``weight_clip_params(model)``), likewise; ``learn_kv_clip``: the
+    K/V quantizers' (in ``activation_clip_params``). ``rotate_activations``:
     the matrices act on the quantizers' inputs instead of the weights (16-bit weights; ``wrap_model``)."""
     if hasattr(model, BANK_ATTR):
         raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
@@ -453,7 +461,7 @@ def rotations_attached(
     handle = None
     try:
         handle = wrap_model(model, plan=plan, bank=bank, quant=quant, r3=r3, online=online, scales=scales,
-                            learn_a_clip=learn_a_clip, learn_w_clip=learn_w_clip,
+                            learn_a_clip=learn_a_clip, learn_w_clip=learn_w_clip, learn_kv_clip=learn_kv_clip,
                             rotate_activations=rotate_activations)
         handle.bank, handle.scales = bank, scales
         yield handle
@@ -469,7 +477,8 @@ def rotations_attached(
 
 # ------------------------------------------------------------------------------ learnable activation clipping
 def activation_clip_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """quantizer module name -> its learnable clip logit (``wrap_model(learn_a_clip=True)``), in model order."""
+    """quantizer module name -> its learnable clip logit (``wrap_model(learn_a_clip=True)``; K/V quantizers with
+    ``learn_kv_clip``), in model order."""
     return {n: m.clip_logit for n, m in model.named_modules()
             if isinstance(m, ActQuantizer) and m.clip_logit is not None}
 
@@ -491,11 +500,11 @@ def _check_table_names(table: dict, quantizers: dict, kind: str) -> None:
 
 
 def set_activation_clips(model: nn.Module, table: dict[str, torch.Tensor | float]) -> None:
-    """Fix the clip ratio of every activation quantizer named in ``table`` (a wrapped model, e.g. the fused model
-    after ``wrap_model(quant=...)``): its spec's clip_ratio becomes the table's value. Every name must exist."""
+    """Fix the clip ratio of every activation (or K/V) quantizer named in ``table`` (a wrapped model, e.g. the fused
+    model after ``wrap_model(quant=...)``): its spec's clip_ratio becomes the table's value. Every name must exist."""
     import dataclasses
 
-    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.head_dim is None}
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
     _check_table_names(table, quantizers, "activation")
     for name, ratio in table.items():
         q = quantizers[name]

@@ -179,7 +179,8 @@ class RotationJob:
         scales = self._scale_bank() if cfg.rotation.learn_scales else None
         with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
                                 online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip,
-                                learn_w_clip=cfg.quant.learn_w_clip, rotate_activations=self._on_activations()) as handle:
+                                learn_w_clip=cfg.quant.learn_w_clip, learn_kv_clip=cfg.quant.learn_kv_clip,
+                                rotate_activations=self._on_activations()) as handle:
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
@@ -196,7 +197,7 @@ class RotationJob:
             self.trainer.finalize_rotations()
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
             self.learned_scales = scales.scales() if scales is not None else None
-            self.learned_clips = activation_clip_table(self.model) if cfg.quant.learn_a_clip else None
+            self.learned_clips = activation_clip_table(self.model) or None  # linear inputs and K/V
             self.learned_w_clips = weight_clip_table(self.model) if cfg.quant.learn_w_clip else None
             self._record_extras(scales)
             if self.fsdp:

@@ -18,6 +18,7 @@ the identity: ``x + (x_hat - x).detach()``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -340,9 +341,9 @@ class ActQuantizer(nn.Module):
         self.basis = None  # an activation_side.ActivationBasis: quantize in the rotated model's basis
         self.clip_logit = None
         if learn_clip:
-            if head_dim is not None or spec.format != "int":
-                raise ValueError(f"a learnable clip ratio is for int-format activations only (format {spec.format!r}"
-                                 f", head_dim {head_dim})")
+            if spec.format != "int":
+                raise ValueError(f"a learnable clip ratio is for int-format activations and K/V only (format "
+                                 f"{spec.format!r})")
             self.clip_logit = nn.Parameter(torch.tensor(clip_logit_start(spec.clip_ratio)))
 
     def clip_ratio(self) -> Tensor | float:
@@ -359,6 +360,9 @@ class ActQuantizer(nn.Module):
         return self._quantize(x)
 
     def _quantize(self, x: Tensor) -> Tensor:
+        if self.head_dim is not None and self.clip_logit is not None:  # K/V: groups within each head's channels
+            group = self.spec.group_size if self.spec.group_size > 0 else self.head_dim
+            return fake_quantize_learned_clip(x, dataclasses.replace(self.spec, group_size=group), self.clip_ratio())
         if self.head_dim is not None:
             return quantize_kv(x, self.spec, self.head_dim)
         if self.clip_logit is not None:

@@ -96,9 +96,9 @@ class RotationTrainer(Trainer):
                  kl_weight: float = 0.0, ce_weight: float = 1.0, kl_topk: int | None = None,
                  scales=None, scales_lr: float = 1e-2, clips: dict | None = None, clips_lr: float = 0.1,
                  weight_clips: dict | None = None, weight_clips_lr: float = 0.1, **kwargs):
-        """``scales`` (a ``ScaleBank``), ``clips`` (name -> learnable activation clip logit, ``activation_clip_params``)
-        and ``weight_clips`` (weight name -> clip logits, ``weight_clip_params``) are learned with Adam at their own
-        learning rates beside the rotations (``MultiOptimizer``)."""
+        """``scales`` (a ``ScaleBank``), ``clips`` (name -> learnable activation or K/V clip logit,
+        ``activation_clip_params``) and ``weight_clips`` (weight name -> clip logits, ``weight_clip_params``) are
+        learned with Adam at their own learning rates beside the rotations (``MultiOptimizer``)."""
         super().__init__(*args, **kwargs)
         self.scales, self.scales_lr = scales, scales_lr
         self.clips, self.clips_lr = dict(clips or {}), clips_lr

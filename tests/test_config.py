@@ -355,3 +355,8 @@ def test_learned_weight_clip_settings_are_checked(tmp_path: Path, overrides, pat
     with pytest.raises(RecipeError, match=pattern):
         load_recipe(write(tmp_path, MINIMAL), overrides)
     assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true"]).quant.learn_w_clip is True
+
+
+def test_learned_kv_clip_needs_a_quantized_cache(tmp_path: Path):
+    with pytest.raises(RecipeError, match=r"quant\.learn_kv_clip: needs a quantized K/V cache \(kv_bits < 16\)"):
+        load_recipe(write(tmp_path, MINIMAL), ["quant.learn_kv_clip=true", "quant.kv_bits=16"])

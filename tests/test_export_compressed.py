@@ -194,3 +194,4 @@ def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, t
     assert "are not applied" in carried_weight_clips(clips, grouped, "rtn", recipe_grid)[1]
     assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid)[0] is None
     assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "rtn", recipe_grid)[0] is clips
+    assert carried_weight_clips(clips, resolve_scheme("float"), "rtn", recipe_grid) == (None, None)

@@ -233,3 +233,31 @@ def test_weight_clips_cover_every_quantized_weight_of_every_family(family):
         set_weight_clips(model, table)
         assert torch.equal(model(input_ids=ids).logits, learned) and not torch.equal(plain, learned)
     handle.remove()
+
+
+def test_kv_clip_ratios_are_learned_and_reproduced_by_the_activation_clip_table():
+    """learn_kv_clip: each attention block's K and V quantizers learn a ratio (the loss reaches it); the activation
+    clip table carries them and a fresh wrap with the table computes the same logits."""
+    from spinlearn.fakequant import KV_ATTR, activation_clip_params, activation_clip_table, set_activation_clips
+
+    model = tiny_model("llama")
+    ids = _ids()
+    handle = wrap_model(model, quant=W4A4KV4, learn_kv_clip=True, r3=True)
+    params = activation_clip_params(model)
+    kv = {n: p for n, p in params.items() if f".{KV_ATTR}." in n}
+    assert len(params) == len(kv) == 2 * 2  # no linear-input ratios asked for; K and V per layer
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs() > 0 for p in kv.values())
+    with torch.no_grad():
+        for i, p in enumerate(kv.values()):
+            p.fill_(-0.5 + 0.5 * i)
+        learned = model(input_ids=ids).logits
+    table = activation_clip_table(model)
+    handle.remove()
+    handle = wrap_model(model, quant=W4A4KV4, r3=True)
+    with torch.no_grad():
+        fixed = model(input_ids=ids).logits
+        set_activation_clips(model, table)
+        again = model(input_ids=ids).logits
+    assert torch.allclose(again, learned, rtol=0, atol=1e-6) and (fixed - learned).abs().max() > 1e-2
+    handle.remove()

@@ -302,8 +302,8 @@ def test_learned_clip_ratio_stays_inside_0_1_and_x_gets_the_identity_ste():
             q.clip_logit.fill_(phi)
         assert 0.0 < float(q.clip_ratio().detach()) < 1.0
         assert torch.isfinite(q(x)).all()
-    with pytest.raises(ValueError, match="int-format activations only"):
-        ActQuantizer(QuantSpec(bits=4), head_dim=8, learn_clip=True)
+    with pytest.raises(ValueError, match="int-format activations and K/V only"):
+        ActQuantizer(QuantSpec(bits=4, format="nvfp4"), learn_clip=True)
 
 
 # ------------------------------------------------------------------------------ per-row (group) weight clip ratios

@@ -194,13 +194,13 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
 
     out = tmp_path / "out"
     extra = {"rotation.learn_scales": "true", "rotation.scales_init": "smoothquant", "quant.learn_a_clip": "true",
-             "quant.learn_w_clip": "true", "quant.w_clip_lr": "0.1"}
+             "quant.learn_w_clip": "true", "quant.w_clip_lr": "0.1", "quant.learn_kv_clip": "true"}
     assert run_main(assets, overrides_for(out, **extra)) == 0
     scales = load_file(out / SCALES_FILE)
     assert len(scales) == 2 * 4  # per layer: 2 norms, v -> o, up -> down (lm_head stays float: no final-norm scale)
     assert all(s.dtype == torch.float64 and (s > 0).all() for s in scales.values())
     clips = load_file(out / ACTIVATION_CLIPS_FILE)
-    assert len(clips) == 2 * 7 and all(0 < float(r) < 1 for r in clips.values())
+    assert len(clips) == 2 * (7 + 2) and all(0 < float(r) < 1 for r in clips.values())  # linear inputs, K and V
     w_clips = load_file(out / WEIGHT_CLIPS_FILE)  # one ratio per output row of every quantized weight
     assert len(w_clips) == 2 * 7 and w_clips["model.layers.0.mlp.down_proj.weight"].shape == (64, 1)
     assert all(((r > 0) & (r < 1)).all() for r in w_clips.values())
@@ -214,7 +214,7 @@ def test_launch_with_scales_and_clips_exports_a_float_exact_model(assets, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ppl_quant_after"] > 1 and metrics["guard"] == {"kept": "learned"}
     assert metrics["scales"]["vectors"] == 8 and metrics["scales"]["init"] == "smoothquant"
-    assert metrics["activation_clips"]["count"] == 14 and 0 < metrics["activation_clips"]["min"] < 1
+    assert metrics["activation_clips"]["count"] == 18 and 0 < metrics["activation_clips"]["min"] < 1
     assert metrics["weight_clips"]["weights"] == 14 and metrics["weight_clips"]["min"] < metrics["weight_clips"]["max"]
     # `spinlearn eval` of the run's model reproduces the learned row: scales folded, online R3/R4, the learned clips
     # (activations and weights); without the weight clips it does not.

@@ -143,11 +143,12 @@ def carried_weight_clips(weight_clips: dict | None, s: ExportScheme, w_method: s
                          learned_grid: tuple[int, bool, int] | None) -> tuple[dict | None, str | None]:
     """(the clips the export applies, a note for the log and the model card): a run's learned weight clip ratios
     apply to RTN int weights on the grid (bits, symmetric, group size) they were learned for."""
-    if not weight_clips:
+    if not weight_clips or not s.quantized:
         return None, None
     w = s.quant.w
     grid = (w.bits, w.sym, w.group_size)
-    if w_method != "rtn" or w.format != "int" or (learned_grid is not None and tuple(learned_grid) != grid):
+    if (w_method != "rtn" or w.format != "int" or w.mse_clip
+            or (learned_grid is not None and tuple(learned_grid) != grid)):
         return None, (f"the run's learned weight clip ratios (bits, symmetric, group size = {tuple(learned_grid or ())}"
                       f") are not applied: scheme {s.name} quantizes weights by {w_method.upper()} as {w.format} "
                       f"{grid}; export.group_size equal to quant.w_groupsize (RTN) would apply them")
