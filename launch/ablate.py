@@ -2,8 +2,10 @@
 
     python launch/ablate.py --config recipes/demo.yaml --out runs/ablation                  # the issue-8 grid
     python launch/ablate.py --config recipes/demo.yaml --out runs/ablation --workers 8 --seeds 0 1 2 3 4
-    python launch/ablate.py --config recipes/demo.yaml --out runs/abl --cells "scales+clip" --online on \
-        model.path=spinlearn/demo/model_b                                                   # extra overrides
+    python launch/ablate.py --config recipes/demo.yaml --out runs/abl --cells "+ scales + clip" --online on \
+        --workers 2 model.path=spinlearn/demo/model_b                                       # extra overrides
+
+(Overrides go after an option that takes one value, such as --workers: --cells, --online and --seeds take lists.)
 
 Every cell is the recipe plus the cell's overrides (and the online setting: `off` = no R3/R4, `on` = the recipe's
 R3 and R4 on), run once per seed with `rotation.seed=S data.seed=S` (the start rotation and the calibration
