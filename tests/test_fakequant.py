@@ -146,6 +146,17 @@ def test_wrap_then_remove_restores_structure_weights_and_outputs(family):
 
 
 # ------------------------------------------------------------------------------ learned activation clip table
+def _rewrapped(model, ids, table: dict, set_table, **wrap_kw):
+    """A fresh wrap of ``model`` (W4A4KV4, ``wrap_kw``): its logits before and after ``set_table(model, table)``.
+    Returns (handle, before, after); the caller removes the handle."""
+    handle = wrap_model(model, quant=W4A4KV4, **wrap_kw)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        set_table(model, table)
+        after = model(input_ids=ids).logits
+    return handle, before, after
+
+
 def test_activation_clip_table_reproduces_the_learned_quantizers_on_a_fresh_wrap():
     from spinlearn.fakequant import activation_clip_params, activation_clip_table, set_activation_clips
 
@@ -161,11 +172,7 @@ def test_activation_clip_table_reproduces_the_learned_quantizers_on_a_fresh_wrap
     table = activation_clip_table(model)
     handle.remove()
     assert not activation_clip_params(model)
-    handle = wrap_model(model, quant=W4A4KV4)
-    with torch.no_grad():
-        fixed = model(input_ids=ids).logits
-        set_activation_clips(model, table)
-        again = model(input_ids=ids).logits
+    handle, fixed, again = _rewrapped(model, ids, table, set_activation_clips)
     assert torch.equal(again, learned) and (fixed - learned).abs().max() > 1e-2
     with pytest.raises(KeyError, match="does not have.*'nope.spinlearn_act'"):
         set_activation_clips(model, {"nope.spinlearn_act": 0.5})
@@ -196,11 +203,7 @@ def test_weight_clip_table_reproduces_the_learned_weight_quantizers_on_a_fresh_w
     table = weight_clip_table(model)
     handle.remove()
     assert not weight_clip_params(model)
-    handle = wrap_model(model, quant=W4A4KV4)
-    with torch.no_grad():
-        fixed = model(input_ids=ids).logits
-        set_weight_clips(model, table)
-        again = model(input_ids=ids).logits
+    handle, fixed, again = _rewrapped(model, ids, table, set_weight_clips)
     assert torch.equal(fixed, plain_w4)
     assert torch.equal(again, learned) and (fixed - learned).abs().max() > 1e-2
     with pytest.raises(KeyError, match="weight clip table names quantizers this model does not have.*'nope.weight'"):
@@ -227,11 +230,8 @@ def test_weight_clips_cover_every_quantized_weight_of_every_family(family):
         learned = model(input_ids=ids).logits
     table = weight_clip_table(model)
     handle.remove()
-    handle = wrap_model(model, quant=W4A4KV4)
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        set_weight_clips(model, table)
-        assert torch.equal(model(input_ids=ids).logits, learned) and not torch.equal(plain, learned)
+    handle, plain, again = _rewrapped(model, ids, table, set_weight_clips)
+    assert torch.equal(again, learned) and not torch.equal(plain, learned)
     handle.remove()
 
 
@@ -254,10 +254,6 @@ def test_kv_clip_ratios_are_learned_and_reproduced_by_the_activation_clip_table(
         learned = model(input_ids=ids).logits
     table = activation_clip_table(model)
     handle.remove()
-    handle = wrap_model(model, quant=W4A4KV4, r3=True)
-    with torch.no_grad():
-        fixed = model(input_ids=ids).logits
-        set_activation_clips(model, table)
-        again = model(input_ids=ids).logits
+    handle, fixed, again = _rewrapped(model, ids, table, set_activation_clips, r3=True)
     assert torch.allclose(again, learned, rtol=0, atol=1e-6) and (fixed - learned).abs().max() > 1e-2
     handle.remove()
