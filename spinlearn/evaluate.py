@@ -235,13 +235,20 @@ def run_online_settings(model_dir: str | Path) -> dict:
     """The online Hadamards a training run used (``rotation.r3``, ``rotation.r4``, ``rotation.online`` of the
     ``recipe.yaml`` beside its ``model/``): the quantized model it measured applies them, so evaluating the
     export the same way applies them too. Empty for a directory that is not a run's model."""
+    rot = _run_recipe_section(model_dir, "rotation")
+    if rot is None:
+        return {}
+    return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
+
+
+def _run_recipe_section(model_dir, section: str) -> dict | None:
+    """A section of the recipe.yaml of the run a model directory belongs to ({} when absent; None: not a run)."""
     from omegaconf import OmegaConf
 
     base = _run_dir(model_dir)
     if base is None:
-        return {}
-    rot = OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get("rotation") or {}
-    return {"r3": bool(rot.get("r3")), "r4": bool(rot.get("r4")), "online": list(rot.get("online") or [])}
+        return None
+    return OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get(section) or {}
 
 
 CLIP_KINDS = {  # kind -> (the run's file, the CLI flag, what must be quantized for the ratios to act)
@@ -272,13 +279,8 @@ def check_clips_file(file: str | Path, kind: str, applies: bool) -> Path:
 
 def _run_weight_grid(model_dir) -> tuple | None:
     """(bits, symmetric, group size) of the run's weight quantizer, from the recipe beside its model/."""
-    from omegaconf import OmegaConf
-
-    base = _run_dir(model_dir)
-    if base is None:
-        return None
-    q = OmegaConf.load(base / RECIPE_FILE).get("quant") or {}
-    return q.get("w_bits"), q.get("w_sym", True), q.get("w_groupsize", -1)
+    q = _run_recipe_section(model_dir, "quant")
+    return None if q is None else (q.get("w_bits"), q.get("w_sym", True), q.get("w_groupsize", -1))
 
 
 def _clips(given, kind: str, path, is_run_model: bool, applies: bool, recorded_applies: bool = True) -> dict | None:

@@ -177,6 +177,13 @@ def _check_groups(n: int, group_size: int, what: str) -> None:
         )
 
 
+def _group_of(n: int, spec: QuantSpec) -> int:
+    """The statistics group along a last dimension of ``n`` entries (all of it with group_size -1), checked."""
+    group = n if spec.group_size == -1 else spec.group_size
+    _check_groups(n, group, "QuantSpec")
+    return group
+
+
 def _fake_quantize_rows(x: Tensor, bits: int, sym: bool, clip_ratio: float, mse: bool, group: int) -> Tensor:
     """Quantize-dequantize with STE, statistics per group of `group` entries of the last dim."""
     xf = x.to(_compute_dtype(x))
@@ -200,8 +207,7 @@ def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
 
         return fake_quantize_fp4(x, spec.format, float(spec.clip_ratio))
     n = x.shape[-1]
-    group = n if spec.group_size == -1 else spec.group_size
-    _check_groups(n, group, "QuantSpec")
+    group = _group_of(n, spec)
     return _fake_quantize_rows(x, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip, group)
 
 
@@ -285,8 +291,7 @@ def fake_quantize_learned_clip(x: Tensor, spec: QuantSpec, ratio: Tensor) -> Ten
     the range statistics take no gradient) and, to the ratio, the derivative of scale * (clamp(round_ste(x / scale)
     + z) - z) through the scale: (round(u) - u) inside the grid, (q - z) where clamped, times d scale / d ratio."""
     n = x.shape[-1]
-    group = n if spec.group_size == -1 else spec.group_size
-    _check_groups(n, group, "QuantSpec")
+    group = _group_of(n, spec)
     xf = x.to(_compute_dtype(x))
     g = xf.reshape(*xf.shape[:-1], n // group, group)
     qmin, qmax = qrange(spec.bits, spec.sym)
@@ -320,8 +325,7 @@ def weight_groups(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> tuple
     """[rows, groups] of a weight's quantizer statistics: rows = every entry but the last dim's (a 3-D expert tensor
     is quantized as one stack of rows), groups = last dim / group size (1 per row with group_size -1)."""
     n = int(shape[-1])
-    group = n if spec.group_size == -1 else spec.group_size
-    _check_groups(n, group, "QuantSpec")
+    group = _group_of(n, spec)
     return math.prod(int(d) for d in shape[:-1]), n // group
 
 
