@@ -31,9 +31,9 @@ in the backward pass instead of being kept, trading time for peak memory.
 
 --distributed runs RotationTrainer (the job's trainer, same rotation step) on 2 CPU ranks over gloo, once with
 accelerate_configs/cpu_2proc.yaml (DDP: every rank holds every weight) and once with cpu_2proc_fsdp.yaml (FSDP2:
-each rank holds half of the frozen weights, one unit per decoder layer gathered for its forward and backward).
-Per rank: seconds per step, RSS once the model is ready (after sharding), the largest RSS at a step's end, and
-VmHWM (which includes loading the whole model, done by every rank in both modes). The children run with
+each rank holds half of the frozen weights, one unit per decoder layer gathered for its forward and backward; only
+rank 0 builds the whole model, as in the job: spinlearn.sharded). Per rank: seconds per step, RSS once the model is
+ready (after sharding), the largest RSS at a step's end, and VmHWM (which includes building the model). The children run with
 MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would otherwise keep them in its heap).
 --layers N changes the model's depth in every mode.
 
@@ -276,6 +276,7 @@ def dist_child(spec: dict) -> dict:
     from spinlearn.fakequant import check_online_hadamards, rotations_attached
     from spinlearn.quant import QuantSettings
     from spinlearn.rotation_plan import make_matrices, prepare_model
+    from spinlearn.sharded import shard_and_fill, skeleton
     from spinlearn.trainer import RotationTrainer
 
     class StepProbe(TrainerCallback):
@@ -295,16 +296,21 @@ def dist_child(spec: dict) -> dict:
                              learning_rate=1.5, save_strategy="no", logging_strategy="no", report_to=[],
                              use_cpu=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                              disable_tqdm=True)
-    model = build_model(spec.get("layers"))
-    plan = prepare_model(model, "transformer_universal")
-    online = check_online_hadamards(model, r3=spec["r3"], r4=spec["r4"])
+    # DDP: every rank builds the whole model. FSDP: only rank 0 does (the job's path, spinlearn.sharded); every rank
+    # trains a sharded view filled from it.
+    model = build_model(spec.get("layers")) if args.process_index == 0 or not fsdp else None
+    plan = prepare_model(model, "transformer_universal") if model is not None else None
+    view, view_plan = skeleton(model, plan) if fsdp else (model, plan)
+    online = check_online_hadamards(view, r3=spec["r3"], r4=spec["r4"])
     blocks = torch.randint(0, MODEL["vocab_size"], (2 * (spec["repeats"] + 1), spec["seqlen"]),
                            generator=torch.Generator().manual_seed(0))
     probe = StepProbe()
-    with rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0),
+    with rotations_attached(view, view_plan, make_matrices(view_plan, mode="hadamard", seed=0),
                             quant=QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4), r3=spec["r3"],
                             online=online) as handle:
-        trainer = RotationTrainer(model=model, args=args, train_dataset=TokenBlockDataset(blocks), bank=handle.bank,
+        if fsdp:
+            shard_and_fill(view, model, args.device)
+        trainer = RotationTrainer(model=view, args=args, train_dataset=TokenBlockDataset(blocks), bank=handle.bank,
                                   callbacks=[probe])
         if fsdp:
             shard_for_training(trainer, list(handle.bank.parameters()))
@@ -344,14 +350,16 @@ def distributed_table(args) -> int:
             print(f"# {name} seqlen {seqlen}: {ranks}", flush=True)
     layers = args.layers or MODEL["num_hidden_layers"]
     print(f"\nLlama (hidden 256, {layers} layers, vocab 32000), 2 CPU ranks over gloo, batch 1 per rank, "
-          f"{args.threads} thread(s) each, median of {args.repeats} steps (after one warm-up); memory per rank, max "
-          "over the ranks.\n")
-    print("| seqlen | strategy | s / step | RSS model ready | RSS at step end | peak RSS (incl. loading) |")
+          f"{args.threads} thread(s) each, median of {args.repeats} steps (after one warm-up); memory per rank "
+          "(FSDP: rank 0 holds the whole model besides its shard, rank 1 only its shard).\n")
+    print("| seqlen | strategy | s / step | RSS model ready, rank 0 / 1 | RSS at step end, rank 0 / 1 "
+          "| peak RSS (incl. loading), rank 0 / 1 |")
     print("|---|---|---|---|---|---|")
     for seqlen, name, ranks in rows:
-        top = {k: max(r[k] for r in ranks) for k in ("median_s", "ready_mb", "step_rss_mb", "peak_mb")}
-        print(f"| {seqlen} | {name} | {top['median_s']:.3f} | {top['ready_mb']:.0f} MiB | {top['step_rss_mb']:.0f} MiB "
-              f"| {top['peak_mb']:.0f} MiB |")
+        by = {r["rank"]: r for r in ranks}
+        cell = {k: f"{by[0][k]:.0f} / {by[1][k]:.0f} MiB" for k in ("ready_mb", "step_rss_mb", "peak_mb")}
+        print(f"| {seqlen} | {name} | {max(r['median_s'] for r in ranks):.3f} | {cell['ready_mb']} "
+              f"| {cell['step_rss_mb']} | {cell['peak_mb']} |")
     if args.json:
         args.json.write_text(json.dumps({f"{n}@{s}": r for s, n, r in rows}, indent=2))
     return 0

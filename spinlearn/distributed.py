@@ -16,17 +16,18 @@ accelerate, for three reasons:
   and the all-reduce of the bank's gradients.
 
 So the job claims the FSDP request before accelerate sees it (``claim_fsdp_request``), lets accelerate set up
-plain multi-process data parallelism, and shards the model itself once the rotations are attached
-(``shard_for_training``): ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, or
-``FSDP_TRANSFORMER_CLS_TO_WRAP``), then on the root, with the learned tensors (the bank's matrices, the scale
-bank's log-scales, the activation clip logits) as ``ignored_params``. The Trainer is told the model is already
-sharded (transformers' ``is_distributed_loading_by_transformers`` path): it does not wrap it in DDP, broadcasts the
-replicated trainable parameters from rank 0, and averages their gradients over ranks at the end of each
-accumulation window (``Trainer._sync_replicated_trainable_parameters``).
+plain multi-process data parallelism, and computes on sharded views of the model (``spinlearn.sharded``: rank 0
+alone loads the weights, to the CPU; every rank builds a meta copy, installs the wrappers, then ``shard_model``
+applies ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, or
+``FSDP_TRANSFORMER_CLS_TO_WRAP``) and on the root, with the learned tensors (the bank's matrices, the scale bank's
+log-scales, the clip logits) as ``ignored_params``, and the shards are filled from rank 0). The Trainer is told the
+model is already sharded (``shard_for_training``; transformers' ``is_distributed_loading_by_transformers`` path): it
+does not wrap it in DDP, broadcasts the replicated trainable parameters from rank 0, and averages their gradients
+over ranks at the end of each accumulation window (``Trainer._sync_replicated_trainable_parameters``).
 
 The rotated weights are parametrizations that read ``parametrizations.weight.original`` inside each layer's
-forward, i.e. after FSDP has all-gathered it: they see the full frozen weight. After training the model is still
-sharded; the job loads and prepares the frozen model again (the weights never changed) for fusion and export.
+forward, i.e. after FSDP has all-gathered it: they see the full frozen weight. Rank 0's CPU model is never
+sharded: the fusion and the exports use it after training.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ FSDP_VERSION_ENV = "FSDP_VERSION"
 LAYER_CLS_ENV = "FSDP_TRANSFORMER_CLS_TO_WRAP"
 RESHARD_ENV = "FSDP_RESHARD_AFTER_FORWARD"
 WRAP_POLICY_ENV = "FSDP_AUTO_WRAP_POLICY"
-# accelerate config settings spinlearn's sharding does not implement: refused rather than ignored.
+# accelerate config settings spinlearn's sharding does not implement: refused rather than ignored. (Its
+# fsdp_cpu_ram_efficient_loading is what spinlearn always does: rank 0 alone loads the weights, spinlearn.sharded.)
 UNSUPPORTED_WHEN_TRUE = {
     "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
-    "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading",
     "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing (set train.gradient_checkpointing: true instead)",
 }
 CLAIMED_ENV = "SPINLEARN_FSDP"  # set once the job has taken over the request (survives a second job in-process)
@@ -124,11 +125,13 @@ def _free_replaced(whole: list[nn.Parameter], model: nn.Module) -> None:
 
 
 def shard_for_training(trainer, learned: list[nn.Parameter]) -> int:
-    """Shard ``trainer.model`` (rotations attached; ``learned``, the rotations and any learned scales and clip
-    logits, its only trainable parameters) and tell the Trainer the model is already distributed: no DDP wrap; the
-    learned tensors broadcast from rank 0 and their gradients averaged over ranks by the Trainer. Call after the
-    Trainer is built and before ``train()``. Returns the number of decoder-layer units (0 with a single process:
-    nothing is sharded)."""
+    """Tell the Trainer that ``trainer.model`` (a sharded view, ``spinlearn.sharded``, rotations attached; ``learned``,
+    the rotations and any learned scales and clip logits, its only trainable parameters) is already distributed:
+    no DDP wrap; the learned tensors broadcast from rank 0 and their gradients averaged over ranks by the Trainer.
+    Call after the Trainer is built and before ``train()``. Returns the number of decoder-layer units (0 with a
+    single process: nothing is sharded, the model trains whole)."""
+    from torch.distributed.fsdp import FSDPModule
+
     if not hasattr(trainer, "_sync_replicated_trainable_parameters"):
         import transformers
 
@@ -137,12 +140,13 @@ def shard_for_training(trainer, learned: list[nn.Parameter]) -> int:
                            "upgrade transformers or use DDP (accelerate_configs/8gpu_ddp.yaml)")
     if trainer.args.world_size == 1:
         return 0  # one process: nothing to shard over, the model trains whole
+    units = sum(isinstance(m, FSDPModule) for m in trainer.model.modules()) - 1  # minus the root
+    if units < 1:
+        raise RuntimeError("FSDP: the model given to the Trainer is not sharded (build it with spinlearn.sharded)")
     trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
     if trainable != {id(p) for p in learned}:
         raise RuntimeError(f"FSDP: the learned tensors ({len(learned)}) must be the model's only trainable "
                            f"parameters ({len(trainable)} have requires_grad)")
-    reshard = os.environ.get(RESHARD_ENV, "true").lower() != "false"
-    units = shard_model(trainer.model, learned, trainer.args.device, reshard_after_forward=reshard)
     trainer.is_distributed_loading_by_transformers = True
     # Between the micro-batches of an accumulation window that Trainer path pauses FSDP's gradient reduction through
     # the model config's ``distributed_config`` (set only by from_pretrained(distributed_config=...)). The frozen

@@ -13,6 +13,7 @@ Where a learned rotation is found (``--rotation learned``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import asdict
@@ -42,33 +43,58 @@ __all__ = [
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "ppl"
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True, desc: str = "ppl",
+    over_ranks: bool = False,
 ) -> float:
     """exp(mean next-token NLL) over non-overlapping windows [n, seqlen] (labels = the inputs, HF's shifted loss).
 
-    Runs inside ``parametrize.cached()``: rotated/quantized weights are computed once, not per window."""
+    Runs inside ``parametrize.cached()``: rotated/quantized weights are computed once, not per window.
+    ``over_ranks`` (a model sharded over the ranks, ``spinlearn.sharded``; a collective call): each rank takes every
+    world-th window, all ranks run the same number of forwards (a short share repeats a window it then drops), the
+    sums are all-reduced, and nothing is cached (a sharded layer's full weight lives only inside its forward)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs token windows [n >= 1, seqlen >= 2], got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     device = next(model.parameters()).device
+    batches = _rank_batches(windows.shape[0], batch_size, over_ranks)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # NLL total, token count
     try:
-        with parametrize.cached():
-            for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
-                batch = windows[start : start + batch_size].to(device)
+        with contextlib.nullcontext() if over_ranks else parametrize.cached():
+            for index, counted in tqdm(batches, desc=desc, disable=not progress):
+                batch = windows[index].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss  # mean over batch * (seqlen-1)
-                n = batch.shape[0] * (batch.shape[1] - 1)
-                total += float(loss) * n
-                count += n
+                if counted:
+                    n = batch.shape[0] * (batch.shape[1] - 1)
+                    sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     finally:
         model.train(was_training)
-    nll = total / count
+    if over_ranks:
+        import torch.distributed as dist
+
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    nll = (sums[0] / sums[1]).item()
     if not math.isfinite(nll):
         raise FloatingPointError(f"perplexity: the mean NLL is {nll} (the quantized model produced NaN/inf logits)")
     return math.exp(nll)
+
+
+def _rank_batches(n: int, batch_size: int, over_ranks: bool) -> list[tuple[torch.Tensor, bool]]:
+    """(window indices, counted) per forward of this rank: all windows, or every world-th one padded with repeats
+    of window 0 (not counted) to the same number of forwards on every rank."""
+    mine, per_rank = torch.arange(n), n
+    if over_ranks:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        mine, per_rank = mine[dist.get_rank()::world], -(-n // world)
+    rounds = -(-per_rank // batch_size)
+    out = [(mine[i * batch_size:(i + 1) * batch_size], True) for i in range(rounds)]
+    return [(idx, True) if len(idx) else (torch.zeros(1, dtype=torch.long), False) for idx, _ in out]
 
 
 # ----------------------------------------------------------------------------------------- learned rotations

@@ -215,7 +215,8 @@ def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: 
 
 
 class FakeQuantHooks:
-    """Handle on a model with rotation parametrizations, quantizer hooks and the KV attention function."""
+    """Handle on a model with rotation parametrizations, quantizer hooks and the KV attention function (a context
+    manager too: ``with wrap_model(...) as handle:`` removes them on exit)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -237,6 +238,12 @@ class FakeQuantHooks:
         if self._old_attn is not None:
             self.model.config._attn_implementation = self._old_attn
         self._hooks, self._parametrized, self._attr_added = [], [], []
+
+    def __enter__(self) -> FakeQuantHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _owner_and_param(model: nn.Module, target) -> tuple[nn.Module, str]:
@@ -449,6 +456,8 @@ def rotations_attached(
     if hasattr(model, BANK_ATTR):
         raise RuntimeError(f"model already has rotations attached ({BANK_ATTR}); nest no attachments")
     device = next(model.parameters()).device
+    if device.type == "meta":  # a skeleton (spinlearn.sharded): the learned tensors keep real values
+        device = torch.device("cpu")
     bank = (bank if bank is not None else RotationBank.for_plan(plan, matrices)).to(device)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:

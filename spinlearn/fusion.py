@@ -187,27 +187,34 @@ def center_writers(writers: list[Target], use_float64: bool) -> None:
 
 
 @torch.no_grad()
-def fold_rotations(placements: list[Placement], matrices: dict[str, torch.Tensor], use_float64: bool) -> None:
+def fold_rotations(placements: list[Placement], matrices: dict[str, torch.Tensor], use_float64: bool,
+                   device: torch.device | str | None = None) -> None:
     """Write every placement's matrix into its tensor: ``axis <- axis @ R`` (biases on the output side too).
 
     Each tensor is converted once and gets all its matrices in one go; signed Hadamard matrices (the
-    hadamard / base_hadamard modes) use the fast transform instead of a dense product."""
+    hadamard / base_hadamard modes) use the fast transform instead of a dense product. ``device``: where the
+    products run, one tensor at a time (default: where each tensor lives; e.g. a GPU for a model held in CPU
+    memory, whose float64 products would take the CPU many minutes at 70B)."""
     dtype = torch.float64 if use_float64 else torch.float32
-    prepared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    prepared: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
     by_tensor: dict[int, list[Placement]] = {}
     for p in placements:
         by_tensor.setdefault(id(p.target.weight), []).append(p)
-        if p.instance not in prepared:
-            r = matrices[p.instance].to(dtype=dtype)
-            prepared[p.instance] = (r, signed_hadamard_signs(r))
+
+    def matrix(instance: str, where: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (instance, where) not in prepared:
+            r = matrices[instance].to(dtype=dtype)
+            signs = signed_hadamard_signs(r)
+            prepared[instance, where] = (r.to(where), signs.to(where) if signs is not None else None)
+        return prepared[instance, where]
+
     for group in by_tensor.values():
         t = group[0].target
-        device = t.weight.device
-        w = t.weight.detach().to(dtype)
-        b = t.bias.detach().to(dtype) if t.bias is not None else None
+        where = torch.device(device) if device is not None else t.weight.device
+        w = t.weight.detach().to(where, dtype)
+        b = t.bias.detach().to(where, dtype) if t.bias is not None else None
         for p in group:
-            r, signs = prepared[p.instance]
-            r, signs = r.to(device), signs.to(device) if signs is not None else None
+            r, signs = matrix(p.instance, where)
             axis = t.in_axis if p.side == "input" else t.out_axis
             w = rotate_axis_fast(w, r, axis, signs)
             if p.side == "output" and b is not None:

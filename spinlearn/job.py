@@ -4,13 +4,16 @@
     -> evaluate_learned -> export -> finish (-> cleanup, always)
 
 Called by ``launch/train_rotations.py`` (under ``accelerate launch``) and by ``spinlearn train``. Every rank runs the
-same code; only the main process writes files. A run directory always holds one run: previous outputs are cleared
+same code; only the main process writes files. Under FSDP only rank 0 loads the model (into CPU memory): every
+evaluation and the training run on sharded views of it (``_view``, ``spinlearn.sharded``), and rank 0 folds and
+exports. A run directory always holds one run: previous outputs are cleared
 after validation, a run marker says which run the directory holds and whether it completed, and the final artefacts
 are staged in a hidden directory and moved into place together at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -136,57 +139,75 @@ class RotationJob:
             self.windows = windows
 
     def setup_model(self) -> None:
-        """The frozen model, its quantizers and the linears with online input Hadamards."""
+        """The frozen model, its quantizers and the linears with online input Hadamards. Under FSDP with several
+        ranks only rank 0 loads the weights, to the CPU (``spinlearn.sharded``): the ranks compute on sharded views."""
         from .data import check_token_ids
         from .loading import load_causal_lm
 
         cfg = self.cfg
-        self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        vocab = self.model.get_input_embeddings().num_embeddings
+        self.sharded = self.fsdp and self.state.num_processes > 1
+        self.model = None
+        if self.main or not self.sharded:
+            self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        shape = self.model
+        if self.sharded:
+            from .sharded import skeleton
+
+            (shape,) = skeleton(self.model)  # rank 0's model on meta: what the checks below read
+            _log("FSDP: rank 0 holds the model in CPU memory; the ranks compute on sharded copies", self.main)
+        vocab = shape.get_input_embeddings().num_embeddings
         check_token_ids(self.blocks, vocab, what="data.train", model=cfg.model.path)
         check_token_ids(self.windows, vocab, what="data.eval", model=cfg.model.path)
-        self.model.to(self.state.device)
+        if not self.sharded:
+            self.model.to(self.state.device)
         if self.windows is not None:
             self.windows = self.windows.to(self.state.device)
-        self.online = check_online_hadamards(self.model, r3=cfg.rotation.r3, online=cfg.rotation.online,
+        self.online = check_online_hadamards(shape, r3=cfg.rotation.r3, online=cfg.rotation.online,
                                              r4=cfg.rotation.r4)
         self.quant = QuantSettings.from_recipe(cfg.quant)
-        if self.main:
-            self.profile_before = self._activation_profile()
+        self.plan = None
 
     def baselines(self) -> None:
-        """Perplexity of the float model and (eval.baselines) of RTN without rotation."""
-        if self.windows is None:
-            return
-        self.metrics["ppl_float"] = self._ppl("float")
-        if self.cfg.eval.baselines:
-            handle = wrap_model(self.model, quant=self.quant)
-            try:
-                self.metrics["ppl_quant_no_rotation"] = self._ppl(f"{self.quant.name} RTN, no rotation")
-            finally:
-                handle.remove()
+        """The float model's activation profile (before picture) and perplexity, and (eval.baselines) RTN's without
+        rotation."""
+        with self._view() as (model, _):
+            self.profile_before = self._activation_profile(model)
+            if self.windows is not None:
+                self.metrics["ppl_float"] = self._ppl("float", model)
+        if self.windows is not None and self.cfg.eval.baselines:
+            with self._view(lambda m, _: wrap_model(m, quant=self.quant)) as (model, _):
+                self.metrics["ppl_quant_no_rotation"] = self._ppl(f"{self.quant.name} RTN, no rotation", model)
 
     def train(self) -> None:
         """Attach the rotations (with any learned scales and clip ratios, the only trainable tensors), measure the
         start, learn them with the Trainer."""
         cfg = self.cfg
-        self.plan = prepare_model(self.model, cfg.rotation.layout)
-        self.start = {k: v.double().cpu() for k, v in make_matrices(self.plan, mode=cfg.rotation.init,
-                                                                     seed=cfg.rotation.seed).items()}
+        if self.model is not None:
+            self.plan = prepare_model(self.model, cfg.rotation.layout)
         from .fakequant import (activation_clip_params, activation_clip_table, learned_extras_off, weight_clip_params,
                                 weight_clip_table)
 
-        scales = self._scale_bank() if cfg.rotation.learn_scales else None
-        with rotations_attached(self.model, self.plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
-                                online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip,
-                                learn_w_clip=cfg.quant.learn_w_clip, learn_kv_clip=cfg.quant.learn_kv_clip,
-                                rotate_activations=self._on_activations()) as handle:
+        on_activations = self._on_activations()
+
+        def attach(model, plan):
+            """The start matrices (of the view's plan: the same instances on every rank) and the learned tensors."""
+            self.start = {k: v.double().cpu() for k, v in make_matrices(plan, mode=cfg.rotation.init,
+                                                                         seed=cfg.rotation.seed).items()}
+            scales = self._scale_bank(model, plan) if cfg.rotation.learn_scales else None
+            return rotations_attached(model, plan, self.start, quant=self.quant, r3=cfg.rotation.r3,
+                                      online=self.online, scales=scales, learn_a_clip=cfg.quant.learn_a_clip,
+                                      learn_w_clip=cfg.quant.learn_w_clip, learn_kv_clip=cfg.quant.learn_kv_clip,
+                                      rotate_activations=on_activations)
+
+        with self._view(attach, prepared=True) as (model, handle):
+            scales = handle.scales
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
-                with learned_extras_off(self.model):  # the start row: the rotation alone (what the guard keeps)
-                    self.metrics["ppl_quant_before"] = self._ppl(label)
-            clips, w_clips = activation_clip_params(self.model), weight_clip_params(self.model)
-            self.trainer = self._make_trainer(handle.bank, scales, clips, w_clips)
+                with learned_extras_off(model):  # the start row: the rotation alone (what the guard keeps)
+                    self.metrics["ppl_quant_before"] = self._ppl(label, model)
+            clips, w_clips = activation_clip_params(model), weight_clip_params(model)
+            self.trainer = self._make_trainer(model, handle.bank, scales, clips, w_clips)
             learned = [*handle.bank.parameters(), *(scales.parameters() if scales is not None else ()),
                        *clips.values(), *w_clips.values()]
             if self.fsdp:
@@ -197,8 +218,8 @@ class RotationJob:
             self.trainer.finalize_rotations()
             self.learned = {k: v.double().cpu() for k, v in handle.bank.matrices().items()}
             self.learned_scales = scales.scales() if scales is not None else None
-            self.learned_clips = activation_clip_table(self.model) or None  # linear inputs and K/V
-            self.learned_w_clips = weight_clip_table(self.model) if cfg.quant.learn_w_clip else None
+            self.learned_clips = activation_clip_table(model) or None  # linear inputs and K/V
+            self.learned_w_clips = weight_clip_table(model) if cfg.quant.learn_w_clip else None
             self._record_extras(scales)
             if self.fsdp:
                 from .distributed import check_replicated
@@ -211,37 +232,41 @@ class RotationJob:
                 final_train_loss=self.trainer.whole_run_loss(),
                 max_orth_error=handle.bank.max_orthogonality_error(),
             )
-
-        if self.fsdp:
-            self._reload_after_fsdp()
+            if self.sharded:  # the view goes with the block; rank 0's model was never touched
+                self.trainer.model = self.trainer.model_wrapped = None
+                self.trainer.accelerator.free_memory()
 
     def fuse(self) -> None:
         """Fold the learned matrices into the weights (float64). The result is a plain HF model, exact in plain
-        transformers: online Hadamards are *not* folded here (only exports that declare them fold their half)."""
-        fold_rotations(self.plan.placements, self.learned, self.plan.layout.use_float64)
+        transformers: online Hadamards are *not* folded here (only exports that declare them fold their half).
+        Under FSDP rank 0 folds them into its CPU copy (the products on its GPU, one tensor at a time); the other
+        ranks hold no model."""
+        if self.model is None:
+            return
+        fold_rotations(self.plan.placements, self.learned, self.plan.layout.use_float64, device=self.state.device)
         if self.learned_scales is not None:  # after the rotations: the scales live in the rotated basis
             fold_scales(self.model, self.plan, self.learned_scales)
 
     def evaluate_learned(self) -> None:
         """The learned row, on the fused model with the run's online Hadamards: exactly what an export serves.
         Guard: if it is worse than the start (``eval.guard``), the start is kept instead, and the run says so."""
-        if self.main and getattr(self, "profile_before", None):
-            handle = wrap_model(self.model, r3=self.cfg.rotation.r3, online=self.online)
-            try:
-                self.profile_after = self._activation_profile()
-            finally:
-                handle.remove()
-        if self.windows is None:
+        if self.windows is None and not self.profiling:
             return
-        after = self._ppl_fused(f"{self.quant.name} RTN, learned rotation")
+        with self._view(self._fused_wrappers) as (model, _):
+            self.profile_after = self._activation_profile(model)  # quantizers off, online Hadamards on
+            if self.windows is None:
+                return
+            after = self._ppl(f"{self.quant.name} RTN, learned rotation", model)
         self.metrics["ppl_quant_after"] = after
         before = self.metrics["ppl_quant_before"]
         if self.cfg.eval.guard and after > before:
             _log(f"guard: the learned rotations ({after:.3f}) are worse than the start ({before:.3f}) on the "
                  "evaluation split; keeping the start matrices (eval.guard=false keeps the learned ones)", self.main)
-            if self.learned_scales is not None:  # undo the scales (multiplicative) before the rotations
+            if self.model is not None and self.learned_scales is not None:  # undo the scales before the rotations
                 fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
-            fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start), self.plan.layout.use_float64)
+            if self.model is not None:
+                fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start),
+                               self.plan.layout.use_float64, device=self.state.device)
             self.learned, self.learned_scales, self.learned_clips, self.learned_w_clips = self.start, None, None, None
             for extra in ("scales", "activation_clips", "weight_clips"):  # they were dropped too
                 self.metrics.pop(extra, None)
@@ -294,13 +319,13 @@ class RotationJob:
             rundir.mark_run(self.out, "failed")
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _make_trainer(self, bank, scales=None, clips=None, weight_clips=None):
+    def _make_trainer(self, model, bank, scales=None, clips=None, weight_clips=None):
         from .data import TokenBlockDataset
         from .trainer import RotationTrainer
 
         cfg = self.cfg
         return RotationTrainer(
-            model=self.model, args=self.args, train_dataset=TokenBlockDataset(self.blocks), bank=bank,
+            model=model, args=self.args, train_dataset=TokenBlockDataset(self.blocks), bank=bank,
             rotation_optimizer=cfg.rotation.optimizer, momentum=cfg.rotation.momentum,
             kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight, kl_topk=cfg.loss.kl_topk,
             scales=scales, scales_lr=cfg.rotation.scales_lr, clips=clips, clips_lr=cfg.quant.a_clip_lr,
@@ -334,17 +359,27 @@ class RotationJob:
                                                   else "the weights (R^T W R every step)"), self.main)
         return on
 
-    def _scale_bank(self):
-        """The learnable scales of every fusible pair, at 1 or at SmoothQuant's start (a few calibration blocks,
-        rotated basis, start matrices)."""
+    def _scale_bank(self, model, plan):
+        """The learnable scales of every fusible pair of ``model`` (prepared by ``plan``), at 1 or at SmoothQuant's
+        start (a few calibration blocks, rotated basis, start matrices; under FSDP rank 0 computes it on its CPU
+        copy and sends it to the other ranks)."""
         from .scales import ScaleBank, plan_scales
         from .scales_fold import smoothquant_scales
 
         r = self.cfg.rotation
-        pairs = plan_scales(self.model, self.plan, log=self.main, head_quantized=self.quant.lm_head.enabled)
+        pairs = plan_scales(model, plan, log=self.main, head_quantized=self.quant.lm_head.enabled)
         init = None
         if r.scales_init == "smoothquant":
-            init = smoothquant_scales(self.model, self.plan, self.start, pairs, self.blocks[:8], r.scales_alpha)
+            init = [None]
+            if self.model is not None:
+                own = pairs if model is self.model else plan_scales(self.model, self.plan, log=False,
+                                                                    head_quantized=self.quant.lm_head.enabled)
+                init[0] = smoothquant_scales(self.model, self.plan, self.start, own, self.blocks[:8], r.scales_alpha)
+            if self.sharded:
+                import torch.distributed as dist
+
+                dist.broadcast_object_list(init, src=0)
+            init = init[0]
         _log(f"scales: {len(pairs)} learned vectors ({r.scales_init} start)", self.main)
         return ScaleBank(pairs, init)
 
@@ -355,18 +390,36 @@ class RotationJob:
         _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, learned tensors replicated"
              if units else "FSDP2 with one process: nothing to shard, the model trains whole", self.main)
 
-    def _reload_after_fsdp(self) -> None:
-        """FSDP trained a sharded model whose frozen weights never changed: load and prepare them again, whole on
-        every rank, for fusion, evaluation and the export (written by the main process)."""
-        from .loading import load_causal_lm
+    @contextlib.contextmanager
+    def _view(self, attach=None, prepared: bool = False):
+        """``(model, handle)``: the model the ranks compute on, with ``attach(model, plan)``'s wrappers installed
+        for the block (a context manager giving ``handle``; None: the plain model). One process or DDP: the whole
+        model. FSDP with several ranks: a sharded copy of rank 0's (``spinlearn.sharded``), its plan the copy of
+        rank 0's when ``prepared``, dropped after the block."""
+        if not self.sharded:
+            with attach(self.model, self.plan) if attach else contextlib.nullcontext() as handle:
+                yield self.model, handle
+            return
+        from .distributed import RESHARD_ENV
+        from .sharded import shard_and_fill, skeleton
 
-        cfg = self.cfg
-        self.trainer.model = self.trainer.model_wrapped = None
-        self.trainer.accelerator.free_memory()
-        self.model = None
-        self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        self.model.to(self.state.device)
-        self.plan = prepare_model(self.model, cfg.rotation.layout)
+        model, plan = skeleton(self.model, self.plan if prepared else None)
+        with attach(model, plan) if attach else contextlib.nullcontext() as handle:
+            shard_and_fill(model, self.model, self.state.device,
+                           reshard_after_forward=os.environ.get(RESHARD_ENV, "true").lower() != "false")
+            yield model, handle
+
+    def _fused_wrappers(self, model, plan):
+        """The quantizers and online Hadamards of the learned row, with the learned clip ratios: what an export
+        serves."""
+        from .fakequant import set_activation_clips, set_weight_clips
+
+        handle = wrap_model(model, quant=self.quant, r3=self.cfg.rotation.r3, online=self.online)
+        if getattr(self, "learned_clips", None):
+            set_activation_clips(model, self.learned_clips)
+        if getattr(self, "learned_w_clips", None):
+            set_weight_clips(model, self.learned_w_clips)
+        return handle
 
     def _fit(self) -> None:
         from .trainer import NonFiniteLossError
@@ -378,27 +431,14 @@ class RotationJob:
             hint = f"resume with train.resume_from_checkpoint={last}" if last else "no checkpoint was saved before it"
             raise RuntimeError(f"{e}. Last good checkpoint: {last or 'none'} ({hint})") from e
 
-    def _ppl(self, label: str) -> float:
+    def _ppl(self, label: str, model) -> float:
         from .evaluate import perplexity
 
-        value = perplexity(self.model, self.windows, batch_size=self.cfg.eval.batch_size, progress=self.main,
-                           desc=label)
+        value = perplexity(model, self.windows, batch_size=self.cfg.eval.batch_size, progress=self.main, desc=label,
+                           over_ranks=self.sharded)
         self.metrics["rows"][label] = value
         _log(f"{label}: perplexity {value:.3f}", self.main)
         return value
-
-    def _ppl_fused(self, label: str) -> float:
-        from .fakequant import set_activation_clips, set_weight_clips
-
-        handle = wrap_model(self.model, quant=self.quant, r3=self.cfg.rotation.r3, online=self.online)
-        try:
-            if getattr(self, "learned_clips", None):
-                set_activation_clips(self.model, self.learned_clips)
-            if getattr(self, "learned_w_clips", None):
-                set_weight_clips(self.model, self.learned_w_clips)
-            return self._ppl(label)
-        finally:
-            handle.remove()
 
     def _exports(self) -> None:
         """``export-SCHEME/`` (compressed-tensors) for every ``export.schemes`` entry, staged with the run."""
@@ -416,6 +456,11 @@ class RotationJob:
         cfg = self.cfg
         if self.windows is None or not (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
             return
+        if self.sharded:  # GPTQ walks the whole model layer by layer on one device
+            self.metrics["gptq_row"] = "skipped: FSDP (no rank holds the whole model on its device)"
+            _log("GPTQ row: skipped under FSDP (no rank holds the whole model on its device); the exports and the "
+                 "learned row are complete", self.main)
+            return
         from .evaluate import evaluate_setting
 
         g = cfg.quant.gptq
@@ -431,12 +476,24 @@ class RotationJob:
         self.metrics["ppl_gptq"] = res["ppl"]
         _log(f"{label}: perplexity {res['ppl']:.3f}", self.main)
 
-    def _activation_profile(self) -> dict | None:
+    @property
+    def profiling(self) -> bool:
+        """Whether the outlier pictures are drawn (the optional extra ``plots``): the same answer on every rank."""
         try:
-            from .plots import activation_profile
+            from .plots import activation_profile  # noqa: F401
         except ImportError:
+            return False
+        return True
+
+    def _activation_profile(self, model) -> dict | None:
+        """The activation outlier profile of ``model`` (quantizers off) on the main process; every rank runs it on a
+        sharded view."""
+        if not self.profiling or not (self.main or self.sharded):
             return None
-        return activation_profile(self.model, self.blocks[:PROFILE_BLOCKS])
+        from .plots import activation_profile
+
+        profile = activation_profile(model, self.blocks[:PROFILE_BLOCKS])
+        return profile if self.main else None
 
     def _pictures(self) -> None:
         """training_curve.png and outlier_profile.png (optional extra ``plots``: skipped, with one line, without it)."""

@@ -33,6 +33,7 @@ The estimate counts live tensors. tests/test_memplan.py checks it against the me
 training steps (glibc told to return freed blocks at once, so that RSS follows the live tensors): within 25%
 for two model sizes (measured: 3% or better; bf16, seqlen 1024 and checkpointing within 7%, ``-m slow``).
 A GPU adds its CUDA context and allocator slack (``overhead_gib``, GPU_OVERHEAD_GIB by default; not measured).
+The plan's last row is the node's CPU memory for the weights (``host_weights``): FSDP needs one copy, on rank 0.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["ACT_ELEMS_PER_TOKEN", "ACT_TRANSIENT_FACTOR", "CPU_OVERHEAD_GIB", "GPU_OVERHEAD_GIB", "LOGIT_F32_COPIES",
-           "STRATEGIES", "ModelShape", "Settings", "estimate", "format_plan", "load_config", "make_plan", "model_shape"]
+           "STRATEGIES", "ModelShape", "Settings", "estimate", "format_plan", "host_weights", "load_config", "make_plan",
+           "model_shape"]
 
 GIB = 1024**3
 # Tensors autograd saves per token and decoder layer, in units of hidden / intermediate / query / key-value width,
@@ -342,7 +344,16 @@ def make_plan(model: str | Path, recipe, *, gpus: int = 1, gpu_mem: float | None
             fits[strategy] = {key: e["total"] <= gpu_mem for key, e in estimates[strategy].items()}
     return {"model": str(model), "architecture": shape.name, "layout": shape.layout, "params": shape.params,
             "layers": shape.layers, "rotations": len(shape.rotation_sizes), "settings": asdict(st), "gpus": gpus,
-            "gpu_mem_gib": gpu_mem, "overhead_gib": overhead_gib, "estimates": estimates, "fits": fits}
+            "gpu_mem_gib": gpu_mem, "overhead_gib": overhead_gib, "estimates": estimates, "fits": fits,
+            "host_gib": {k: v / GIB for k, v in host_weights(shape, st, gpus).items() if k in estimates}}
+
+
+def host_weights(shape: ModelShape, st: Settings, gpus: int) -> dict[str, float]:
+    """Bytes of the model's weights in the node's CPU memory, per strategy: every process loads the whole model
+    before it moves to its GPU (single, DDP: ``gpus`` copies at once), FSDP's rank 0 alone holds it, for the whole
+    run (``spinlearn.sharded``: it fills the other ranks' shards, then fuses and exports)."""
+    whole = shape.params * st.bytes
+    return {"single": whole, "ddp": gpus * whole, "fsdp": whole, "device_map": whole}
 
 
 def _gib(v: float) -> str:
@@ -382,4 +393,6 @@ def format_plan(plan: dict) -> str:
                 cell += " fits" if plan["fits"][s][key] else " does not fit"
             cells.append(cell)
         lines.append(f"| **peak, {label}{mark}** | " + " | ".join(cells) + " |")
+    lines.append(f"| host (CPU) memory for the weights, whole node | "
+                 + " | ".join(_gib(plan["host_gib"][s]) for s in strategies) + " |")
     return "\n".join(lines) + "\n"

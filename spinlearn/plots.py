@@ -98,13 +98,13 @@ def plot_training_curve(log_history: list[dict], path) -> Path | None:
 def profiled_modules(model: nn.Module, modules: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """name -> module whose input is profiled: every nn.Linear except lm_head, and the owner of each fused 3-D
     MoE experts parameter. ``modules``: names or fnmatch globs to keep (default all)."""
-    from .layout import addressable_targets
+    from .sharded import source_name
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    for name, t in addressable_targets(model).items():
-        if t.module is None and t.weight.ndim == 3:
-            owner = name.rsplit(".", 1)[0]
+    for name, p in model.named_parameters():  # not the weights' values: a wrapped or sharded model computes them
+        if p.ndim == 3:
+            owner = source_name(name).rsplit(".", 1)[0]
             out.setdefault(owner, model.get_submodule(owner))
     if modules is not None:
         globs = list(modules)

@@ -47,6 +47,7 @@ def test_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
     for model in ("llama3_8b", "llama3_2_1b", "qwen2_5_7b", "qwen3_8b"):
         assert {f"{model}_w4a4kv4", f"{model}_w16a4kv4"} <= names
+    assert {"llama3_70b_w4a4kv4", "qwen2_5_72b_w4a4kv4"} <= names  # FSDP (tests/test_memplan.py: their plan)
     assert "demo" in names
 
 

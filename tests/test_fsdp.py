@@ -66,6 +66,10 @@ def step_losses(out: Path) -> list[float]:
 
 def test_two_process_fsdp_shards_the_frozen_weights_and_keeps_the_rotations_replicated(fsdp_run):
     assert "FSDP2: 2 decoder layers sharded over 2 ranks" in fsdp_run["stdout"]
+    # Only rank 0 ever loads the weights (once, to the CPU); rank 1 computes on sharded views filled from it.
+    loads = [json.loads((fsdp_run["dumps"] / f"loads{r}.json").read_text()) for r in (0, 1)]
+    assert len(loads[0]) == 1 and loads[1] == []
+    assert "rank 0 holds the model in CPU memory" in fsdp_run["stdout"]
     shards = [json.loads((fsdp_run["dumps"] / f"shards{r}.json").read_text()) for r in (0, 1)]
     for info in shards:
         assert info["dtensors"] == info["params"] - BANK_PARAMS  # every frozen weight is sharded, the bank is not
@@ -90,10 +94,16 @@ def test_fsdp_equals_one_process_with_the_same_global_batch_and_exports_its_fold
     from spinlearn.rotation_plan import make_matrices, prepare_model
 
     single = tmp_path / "single"
-    assert run_main(assets, overrides_for(single, **STEPS, **{"train.per_device_train_batch_size": 4,
-                                                              "data.eval": "null"})) == 0
+    assert run_main(assets, overrides_for(single, **STEPS, **{"train.per_device_train_batch_size": 4})) == 0
     out = fsdp_run["out"]
     assert step_losses(out) == pytest.approx(step_losses(single), rel=1e-4) and len(step_losses(out)) == 4
+    # Every evaluation ran on sharded views, the windows split over the ranks: the rows equal one process's.
+    rows, single_rows = (json.loads((d / "metrics.json").read_text())["rows"] for d in (out, single))
+    skipped = [k for k in single_rows if "GPTQ" in k]
+    assert skipped and rows.keys() == single_rows.keys() - set(skipped)  # GPTQ needs the whole model on one device
+    for label, value in rows.items():
+        assert value == pytest.approx(single_rows[label], rel=1e-3 if "learned" in label else 1e-5), label
+    assert "skipped" in json.loads((out / "metrics.json").read_text())["gptq_row"]
     learned, reference = load_file(out / ROTATIONS_FILE), load_file(single / ROTATIONS_FILE)
     diff = max((learned[k].double() - reference[k].double()).abs().max().item() for k in learned)
     assert diff <= 1e-4, diff

@@ -103,14 +103,16 @@ def test_norm_fusion_alone_leaves_the_logits_unchanged(family, layout):
     assert plan.mean_preserving == (family == "opt")
 
 
-def test_fold_rotations_matches_dense_products():
+@pytest.mark.parametrize("device", [None, "cpu"])  # "cuda" in test_gpu.py: a CPU model folded on the GPU
+def test_fold_rotations_matches_dense_products(device):
     torch.manual_seed(0)
     lin = nn.Linear(8, 6, bias=True).to(D)
     w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     r_in = torch.linalg.qr(torch.randn(8, 8, dtype=D))[0]
     r_out = torch.linalg.qr(torch.randn(3, 3, dtype=D))[0]  # block-diagonal on the output axis (6 = 2 x 3)
     t = _target(lin, "lin")
-    fold_rotations([Placement(t, "input", "a", ""), Placement(t, "output", "b", "")], {"a": r_in, "b": r_out}, True)
+    fold_rotations([Placement(t, "input", "a", ""), Placement(t, "output", "b", "")], {"a": r_in, "b": r_out}, True,
+                   device=device)
     block = torch.block_diag(r_out, r_out)
     assert _rel(lin.weight.detach(), block.T @ w @ r_in) <= 1e-13
     assert _rel(lin.bias.detach(), b @ block) <= 1e-13

@@ -75,3 +75,19 @@ def test_rotations_on_the_activations_on_cuda(dtype, tol):
 
     weights, activations = loss_on_both_sides("llama", "cuda", dtype)
     assert abs(activations - weights) <= tol * abs(weights)
+
+
+@pytest.mark.parametrize("mode", ["random", "hadamard"])
+def test_folding_a_cpu_model_on_the_gpu_equals_folding_it_on_the_cpu(mode):
+    """FSDP's rank 0 keeps the model in CPU memory and folds on its GPU (fold_rotations(device=...)): the weights
+    stay on the CPU and equal a CPU fold to float64 rounding."""
+    from spinlearn.fusion import fold_rotations
+
+    on_cpu, on_gpu = tiny_model("llama", dtype=torch.float64), tiny_model("llama", dtype=torch.float64)
+    plans = [prepare_model(m, "transformer_universal") for m in (on_cpu, on_gpu)]
+    matrices = make_matrices(plans[0], mode=mode, seed=0)
+    fold_rotations(plans[0].placements, matrices, True)
+    fold_rotations(plans[1].placements, matrices, True, device="cuda")
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        assert (a - b).abs().max().item() <= 1e-12, name

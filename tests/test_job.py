@@ -193,15 +193,16 @@ def test_guard_keeps_the_start_when_learning_made_it_worse(assets, tmp_path, mon
     from spinlearn.job import RotationJob
     from spinlearn.rotation_plan import make_matrices, prepare_model
 
-    real = RotationJob._ppl_fused
+    real = RotationJob._ppl
 
-    def worse(self, label):
-        real(self, label)
-        value = self.metrics["ppl_quant_before"] * 1.5  # pretend learning hurt
-        self.metrics["rows"][label] = value
+    def worse(self, label, model):
+        value = real(self, label, model)
+        if "learned rotation" in label:  # pretend learning hurt
+            value = self.metrics["ppl_quant_before"] * 1.5
+            self.metrics["rows"][label] = value
         return value
 
-    monkeypatch.setattr(RotationJob, "_ppl_fused", worse)
+    monkeypatch.setattr(RotationJob, "_ppl", worse)
     out = tmp_path / "out"
     assert run_main(assets, overrides_for(out, **{"eval.guard": "true", "eval.baselines": "false"})) == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -217,8 +217,22 @@ def test_strategy_arithmetic():
     assert off["activations"] > 10 * fsdp["activations"]
     assert off["rotated-weight temporaries"] > 10 * fsdp["rotated-weight temporaries"]
     assert sum(v for k, v in single.items() if k != "total") == single["total"]
+    host = memplan.host_weights(shape, st, 8)  # the node's CPU memory: one copy on FSDP's rank 0, one per DDP rank
+    assert host["fsdp"] == shape.params * 2 and host["ddp"] == 8 * host["fsdp"]
     with pytest.raises(ValueError, match="strategy"):
         memplan.estimate(shape, st, "zero3")
+
+
+@pytest.mark.parametrize("name", ["llama3_70b", "qwen2_5_72b"])
+def test_the_70b_recipes_fit_fsdp_on_8_gpus_of_80_gib(name):
+    """recipes/llama3_70b_w4a4kv4.yaml, recipes/qwen2_5_72b_w4a4kv4.yaml: their first line launches FSDP over 8 GPUs,
+    where the plan fits (checkpointing on, as the recipe has it) and DDP does not; rank 0 holds one copy in CPU."""
+    recipe = ROOT / "recipes" / f"{name}_w4a4kv4.yaml"
+    assert "accelerate_configs/8gpu_fsdp.yaml" in recipe.read_text().splitlines()[0]
+    plan = memplan.make_plan(CONFIGS / name, recipe, gpus=8, gpu_mem=80)
+    assert plan["settings"]["gradient_checkpointing"] and plan["params"] > 70e9
+    assert plan["fits"]["fsdp"]["checkpointing_on"] and not plan["fits"]["ddp"]["checkpointing_on"]
+    assert plan["host_gib"]["fsdp"] == pytest.approx(plan["params"] * 2 / memplan.GIB)
 
 
 def test_cli_plan_table_and_json(tmp_path, capsys):
@@ -234,6 +248,8 @@ def test_cli_plan_table_and_json(tmp_path, capsys):
     assert plan["params"] == LLAMA3_PARAMS["llama3_8b"] and plan["settings"]["gradient_checkpointing"] is True
     assert set(plan["estimates"]) == set(memplan.STRATEGIES)
     assert plan["fits"]["fsdp"]["checkpointing_on"] is True
+    assert "| host (CPU) memory for the weights, whole node |" in text
+    assert plan["host_gib"]["ddp"] == pytest.approx(8 * plan["host_gib"]["fsdp"])
     assert cli_main(["plan", "--model", str(tmp_path), "--config", str(ROOT / "recipes/demo.yaml")]) == 2
     assert "no config.json" in capsys.readouterr().err
 

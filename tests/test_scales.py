@@ -238,13 +238,13 @@ def test_guard_with_scales_undoes_them_and_keeps_the_start(assets, tmp_path, mon
     from spinlearn.artifacts import SCALES_FILE
     from spinlearn.job import RotationJob
 
-    real = RotationJob._ppl_fused
+    real = RotationJob._ppl
 
-    def worse(self, label):
-        real(self, label)
-        return self.metrics["ppl_quant_before"] * 1.5  # pretend learning hurt
+    def worse(self, label, model):
+        value = real(self, label, model)
+        return self.metrics["ppl_quant_before"] * 1.5 if "learned rotation" in label else value  # pretend learning hurt
 
-    monkeypatch.setattr(RotationJob, "_ppl_fused", worse)
+    monkeypatch.setattr(RotationJob, "_ppl", worse)
     out = tmp_path / "out"
     extra = {"rotation.learn_scales": "true", "eval.guard": "true", "eval.baselines": "false", "train.max_steps": "2"}
     assert run_main(assets, overrides_for(out, **extra)) == 0
