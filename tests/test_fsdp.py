@@ -36,14 +36,16 @@ STEPS = {"train.max_steps": 4, "train.save_steps": 2, "train.save_total_limit": 
 BANK_PARAMS = 3  # r1 and one r2 per layer of the tiny Llama
 
 
-def launch_fsdp(assets, out: Path, dumps: Path, **extra) -> subprocess.CompletedProcess:
-    """tests/ddp_entry.py under accelerate launch with the 2-process CPU FSDP config, batch 1 per rank."""
+def launch_fsdp(assets, out: Path, dumps: Path, recipe: Path | None = None, config: str = "cpu_2proc_fsdp.yaml",
+                **extra) -> subprocess.CompletedProcess:
+    """tests/ddp_entry.py under accelerate launch with the 2-process CPU FSDP config (or ``config``), batch 1 per
+    rank (the tiny model's recipe, or ``recipe``)."""
     env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(out.parent), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ROOT / "accelerate_configs" / "cpu_2proc_fsdp.yaml"), "--main_process_port", str(_free_port()),
-        str(ROOT / "tests" / "ddp_entry.py"), str(assets["recipe"]), str(dumps),
+        str(ROOT / "accelerate_configs" / config), "--main_process_port", str(_free_port()),
+        str(ROOT / "tests" / "ddp_entry.py"), str(recipe or assets["recipe"]), str(dumps),
         *overrides_for(out, **STEPS, **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2,
                                         "train.report_to": "[none]"}, **extra),
     ]
@@ -178,6 +180,40 @@ def test_fsdp_with_the_rotations_on_the_activations_trains_like_one_process(asse
     assert step_losses(fsdp) == pytest.approx(step_losses(single), rel=1e-4)
     a, b = load_file(fsdp / ROTATIONS_FILE), load_file(single / ROTATIONS_FILE)
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4
+
+
+def test_fsdp_on_the_demo_model_equals_ddp_and_exports_its_fold(assets, tmp_path):
+    """The demo recipe as shipped (W4A4KV4, R3/R4, scales and every clip ratio learned) for 4 steps on 2 ranks: FSDP
+    learns bit for bit what DDP learns from the same micro-batches (both equal on their ranks), its rows (sharded
+    evaluation, windows split over the ranks) equal DDP's (whole model on every rank), and its fused export computes
+    the demo model's function. (Against one process with batch 4 the float sums are ordered differently, and Adam,
+    which scales each gradient to a unit step, carries that rounding into the scales and clip ratios: 2e-2 after 4
+    steps, the rotations 1.3e-3; the tiny model's tests above compare with one process.)"""
+    from transformers import AutoModelForCausalLM
+
+    demo = ROOT / "spinlearn" / "demo"
+    short = {"model.path": demo / "model", "data.train": demo / "data" / "train.txt",
+             "data.eval": demo / "data" / "test.txt", "data.nsamples": 16, "data.eval_max_windows": 3,
+             "eval.baselines": "false", "export.schemes": "[]"}
+    runs = {}
+    for name, config in (("fsdp", "cpu_2proc_fsdp.yaml"), ("ddp", "cpu_2proc.yaml")):
+        launch_fsdp(assets, tmp_path / name, tmp_path / f"{name}_ranks", recipe=ROOT / "recipes" / "demo.yaml",
+                    config=config, **short)
+        rank0, rank1 = (load_file(tmp_path / f"{name}_ranks" / f"rank{r}.safetensors") for r in (0, 1))
+        assert {k.split(".")[0] for k in rank0} >= {"r1", "scale", "clip", "wclip"}
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), name
+        runs[name] = tmp_path / name
+    for file in (ROTATIONS_FILE, SCALES_FILE, ACTIVATION_CLIPS_FILE, WEIGHT_CLIPS_FILE):
+        a, b = (load_file(runs[n] / file) for n in ("fsdp", "ddp"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    rows, ddp_rows = (json.loads((runs[n] / "metrics.json").read_text())["rows"] for n in ("fsdp", "ddp"))
+    assert rows.keys() == ddp_rows.keys() and len(rows) == 3  # float, the start, learned
+    assert all(value == pytest.approx(ddp_rows[label], rel=1e-5) for label, value in rows.items()), (rows, ddp_rows)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(runs["fsdp"] / "model").eval()(input_ids=ids).logits
+        original = AutoModelForCausalLM.from_pretrained(demo / "model").eval()(input_ids=ids).logits
+    assert rel_err(exported, original) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------ without processes
