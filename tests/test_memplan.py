@@ -233,6 +233,10 @@ def test_the_70b_recipes_fit_fsdp_on_8_gpus_of_80_gib(name):
     assert plan["settings"]["gradient_checkpointing"] and plan["params"] > 70e9
     assert plan["fits"]["fsdp"]["checkpointing_on"] and not plan["fits"]["ddp"]["checkpointing_on"]
     assert plan["host_gib"]["fsdp"] == pytest.approx(plan["params"] * 2 / memplan.GIB)
+    # rank 0 alone writes the fused model and the exports while the other ranks wait in a barrier
+    from spinlearn.config import load_recipe, training_arguments_kwargs
+
+    assert training_arguments_kwargs(load_recipe(recipe))["ddp_timeout"] >= 3 * 3600
 
 
 def test_cli_plan_table_and_json(tmp_path, capsys):
