@@ -103,8 +103,9 @@ def profiled_modules(model: nn.Module, modules: Iterable[str] | None = None) -> 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
     for name, p in model.named_parameters():  # not the weights' values: a wrapped or sharded model computes them
-        if p.ndim == 3:
-            owner = source_name(name).rsplit(".", 1)[0]
+        name = source_name(name)
+        if p.ndim == 3 and not name.endswith(".weight"):  # fused experts [E, out, in], not e.g. a Conv1d's weight
+            owner = name.rsplit(".", 1)[0]
             out.setdefault(owner, model.get_submodule(owner))
     if modules is not None:
         globs = list(modules)

@@ -122,6 +122,24 @@ def test_activation_profile_moe_experts_and_module_filter():
         plots.activation_profile(model, blocks, modules=["*nothing*"])
 
 
+@pytest.mark.parametrize("family", ["mixtral", "nemotron_h"])
+def test_profiled_modules_are_the_same_on_a_wrapped_model_and_skip_convolutions(family):
+    """The names only (a wrapped or sharded model's weights are computed, not read): the same with the rotations and
+    quantizers attached (the experts' parametrized 3-D tensors included), and no Conv1d (Nemotron-H's mixers)."""
+    from spinlearn.fakequant import rotations_attached
+    from spinlearn.quant import QuantSettings
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+    from tests.helpers import layout_for
+
+    model = tiny_model(family, seed=0)
+    plan = prepare_model(model, layout_for(family))
+    plain = set(plots.profiled_modules(model))
+    assert not any("conv" in n for n in plain) and "lm_head" not in plain
+    with rotations_attached(model, plan, make_matrices(plan, mode="hadamard", seed=0),
+                            quant=QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)):
+        assert set(plots.profiled_modules(model)) == plain
+
+
 def test_log_to_wandb_offline(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
