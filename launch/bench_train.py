@@ -272,7 +272,7 @@ def dist_child(spec: dict) -> dict:
     from transformers import TrainerCallback, TrainingArguments
 
     from spinlearn.data import TokenBlockDataset
-    from spinlearn.distributed import claim_fsdp_request, shard_for_training
+    from spinlearn.distributed import claim_fsdp_request, mark_sharded
     from spinlearn.fakequant import check_online_hadamards, rotations_attached
     from spinlearn.quant import QuantSettings
     from spinlearn.rotation_plan import make_matrices, prepare_model
@@ -313,7 +313,7 @@ def dist_child(spec: dict) -> dict:
         trainer = RotationTrainer(model=view, args=args, train_dataset=TokenBlockDataset(blocks), bank=handle.bank,
                                   callbacks=[probe])
         if fsdp:
-            shard_for_training(trainer, list(handle.bank.parameters()))
+            mark_sharded(trainer, list(handle.bank.parameters()))
         ready = _status_mb("VmRSS")
         trainer.train()
     result = {"rank": args.process_index, "median_s": statistics.median(probe.times[1:]), "ready_mb": ready,

@@ -21,7 +21,7 @@ alone loads the weights, to the CPU; every rank builds a meta copy, installs the
 applies ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, or
 ``FSDP_TRANSFORMER_CLS_TO_WRAP``) and on the root, with the learned tensors (the bank's matrices, the scale bank's
 log-scales, the clip logits) as ``ignored_params``, and the shards are filled from rank 0). The Trainer is told the
-model is already sharded (``shard_for_training``; transformers' ``is_distributed_loading_by_transformers`` path): it
+model is already sharded (``mark_sharded``; transformers' ``is_distributed_loading_by_transformers`` path): it
 does not wrap it in DDP, broadcasts the replicated trainable parameters from rank 0, and averages their gradients
 over ranks at the end of each accumulation window (``Trainer._sync_replicated_trainable_parameters``).
 
@@ -54,7 +54,7 @@ CLAIMED_ENV = "SPINLEARN_FSDP"  # set once the job has taken over the request (s
 
 def claim_fsdp_request() -> bool:
     """True when the accelerate launch asked for FSDP. Takes the request away from accelerate (its env flag is set
-    to false) so that it sets up plain data parallelism and leaves the sharding to ``shard_for_training``. Call it
+    to false) so that it sets up plain data parallelism and leaves the sharding to spinlearn.sharded. Call it
     before ``TrainingArguments``/``Accelerator`` exist. Refuses FSDP1: FSDP2 is the one supported."""
     if os.environ.get(CLAIMED_ENV) == "1":
         return True
@@ -124,7 +124,7 @@ def _free_replaced(whole: list[nn.Parameter], model: nn.Module) -> None:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
-def shard_for_training(trainer, learned: list[nn.Parameter]) -> int:
+def mark_sharded(trainer, learned: list[nn.Parameter]) -> int:
     """Tell the Trainer that ``trainer.model`` (a sharded view, ``spinlearn.sharded``, rotations attached; ``learned``,
     the rotations and any learned scales and clip logits, its only trainable parameters) is already distributed:
     no DDP wrap; the learned tensors broadcast from rank 0 and their gradients averaged over ranks by the Trainer.

@@ -384,9 +384,9 @@ class RotationJob:
         return ScaleBank(pairs, init)
 
     def _shard(self, learned) -> None:
-        from .distributed import shard_for_training
+        from .distributed import mark_sharded
 
-        units = shard_for_training(self.trainer, learned)
+        units = mark_sharded(self.trainer, learned)
         _log(f"FSDP2: {units} decoder layers sharded over {self.state.num_processes} ranks, learned tensors replicated"
              if units else "FSDP2 with one process: nothing to shard, the model trains whole", self.main)
 
