@@ -51,9 +51,9 @@ def skeleton(model: nn.Module | None, *refs):
     call. Returns the tuple ``(model, *refs)``."""
     import torch.distributed as dist
 
-    payload = [meta_copy(model, *refs) if dist.get_rank() == 0 else None]
     if dist.get_rank() == 0 and model is None:
         raise ValueError("skeleton: rank 0 must pass the model it holds")
+    payload = [meta_copy(model, *refs) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(payload, src=0)
     return payload[0]
 
