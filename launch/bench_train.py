@@ -33,8 +33,9 @@ in the backward pass instead of being kept, trading time for peak memory.
 accelerate_configs/cpu_2proc.yaml (DDP: every rank holds every weight) and once with cpu_2proc_fsdp.yaml (FSDP2:
 each rank holds half of the frozen weights, one unit per decoder layer gathered for its forward and backward; only
 rank 0 builds the whole model, as in the job: spinlearn.sharded). Per rank: seconds per step, RSS once the model is
-ready (after sharding), the largest RSS at a step's end, and VmHWM (which includes building the model). The children run with
-MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would otherwise keep them in its heap).
+ready (after sharding), the largest RSS at a step's end, and VmHWM (which includes building the model). The
+children run with MALLOC_MMAP_THRESHOLD_=65536 so that freed weights leave the RSS (glibc would otherwise keep them
+in its heap).
 --layers N changes the model's depth in every mode.
 
 --gpu builds a random-weight model from --model-config (default: launch/configs/llama3_8b/config.json, Llama-3-8B)

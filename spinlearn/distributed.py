@@ -76,6 +76,12 @@ def claim_fsdp_request() -> bool:
     return True
 
 
+def reshard_after_forward() -> bool:
+    """The accelerate config's ``fsdp_reshard_after_forward`` (default true): free each layer's gathered weights after
+    its forward and gather them again in backward."""
+    return os.environ.get(RESHARD_ENV, "true").lower() != "false"
+
+
 def decoder_layer_classes(model: nn.Module) -> set[type]:
     """The classes that get one FSDP unit each: ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated class names, from
     the accelerate config's ``fsdp_transformer_layer_cls_to_wrap``) or the model's ``_no_split_modules``."""

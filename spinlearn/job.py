@@ -400,13 +400,11 @@ class RotationJob:
             with attach(self.model, self.plan) if attach else contextlib.nullcontext() as handle:
                 yield self.model, handle
             return
-        from .distributed import RESHARD_ENV
         from .sharded import shard_and_fill, skeleton
 
         model, plan = skeleton(self.model, self.plan if prepared else None)
         with attach(model, plan) if attach else contextlib.nullcontext() as handle:
-            shard_and_fill(model, self.model, self.state.device,
-                           reshard_after_forward=os.environ.get(RESHARD_ENV, "true").lower() != "false")
+            shard_and_fill(model, self.model, self.state.device)
             yield model, handle
 
     def _fused_wrappers(self, model, plan):

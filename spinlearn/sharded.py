@@ -58,19 +58,18 @@ def skeleton(model: nn.Module | None, *refs):
     return payload[0]
 
 
-def shard_and_fill(view: nn.Module, source: nn.Module | None, device: torch.device,
-                   reshard_after_forward: bool = True) -> int:
+def shard_and_fill(view: nn.Module, source: nn.Module | None, device: torch.device) -> int:
     """Shard ``view`` (a ``skeleton`` with any wrappers installed) over the ranks and fill it from ``source``, rank
     0's plain model (None elsewhere): collective. Tensors still on ``meta`` come from ``source`` (looked up by
     ``source_name``); the others (the wrappers' own) are replicated and keep their values. Returns the number of
     decoder-layer units."""
     import torch.distributed as dist
 
-    from .distributed import shard_model
+    from .distributed import reshard_after_forward, shard_model
 
     owned = {n: t.detach().clone() for n, t in _tensors(view) if t.device.type != "meta"}
     replicated = [p for n, p in view.named_parameters() if n in owned]
-    units = shard_model(view, replicated, device, reshard_after_forward=reshard_after_forward)
+    units = shard_model(view, replicated, device, reshard_after_forward=reshard_after_forward())
     view.to_empty(device=device)
     source_tensors = dict(_tensors(source)) if source is not None else None
     problem = [None]
