@@ -55,9 +55,9 @@ class ActivationBasis:
     def forward(self, x: Tensor) -> Tensor:
         """x -> ((x R) / s) H."""
         if self.instance is not None:
-            x = rotate_axis(x, self.bank.get(self.instance).to(x.dtype), -1)
+            x = rotate_axis(x, self.bank.get(self.instance).to(x), -1)  # x's dtype and device
         if self.scale_key is not None:
-            x = x / self._scale(x).to(x.dtype)
+            x = x / self._scale(x).to(x)
         return fast_hadamard_transform(x) if self.online else x
 
     def inverse(self, z: Tensor) -> Tensor:
@@ -65,9 +65,9 @@ class ActivationBasis:
         if self.online:
             z = fast_hadamard_transform(z, inverse=True)
         if self.scale_key is not None:
-            z = z * self._scale(z).to(z.dtype)
+            z = z * self._scale(z).to(z)
         if self.instance is not None:
-            z = rotate_axis(z, self.bank.get(self.instance).to(z.dtype).T, -1)
+            z = rotate_axis(z, self.bank.get(self.instance).to(z).T, -1)
         return z
 
     def around(self, quantize, x: Tensor) -> Tensor:

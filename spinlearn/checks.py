@@ -8,6 +8,7 @@ work.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .artifacts import check_output_dir, resolve_resume
@@ -17,6 +18,7 @@ from .loading import check_model_dir, check_seqlen
 def check_job_inputs(cfg) -> str | None:
     """Validate a recipe's inputs before any heavy work; returns the checkpoint to resume from (or None)."""
     resume = resolve_resume(cfg)
+    check_device_map(cfg.model.device_map, int(os.environ.get("WORLD_SIZE", "1")))
     check_output_dir(cfg.output_dir, overwrite=bool(cfg.overwrite_output_dir or resume), label="output_dir",
                      overwrite_hint="set overwrite_output_dir=true or train.resume_from_checkpoint=latest")
     config_json = check_model_dir(cfg.model.path)
@@ -24,6 +26,16 @@ def check_job_inputs(cfg) -> str | None:
     check_seqlen(config_json, cfg.data.eval_seqlen, "data.eval_seqlen")
     _check_layout(cfg)
     return resume
+
+
+def check_device_map(device_map: str | None, world_size: int) -> None:
+    """``model.device_map`` spreads one process's model over its GPUs; DDP and FSDP give every process a device
+    of its own (and the whole model or a shard of it), so the two do not combine."""
+    if device_map is not None and world_size > 1:
+        raise ValueError(
+            f"model.device_map={device_map!r} spreads the model over one process's GPUs, but this job runs "
+            f"{world_size} processes (DDP/FSDP); launch one process (python launch/train_rotations.py, or accelerate "
+            "launch --num_processes 1), or set model.device_map=null to replicate (DDP) or shard (FSDP) the model")
 
 
 def _check_layout(cfg) -> None:

@@ -27,6 +27,8 @@ ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
 SCALES_INITS = ("ones", "smoothquant")
 # Where the learned matrices act while training (recipe ``rotation.apply``; see ``spinlearn.activation_side``).
 ROTATION_APPLY = ("auto", "weights", "activations")
+# One process over several GPUs (recipe ``model.device_map``): accelerate's placement strategies for from_pretrained.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Rotation settings `spinlearn eval` can evaluate.
 EVAL_ROTATIONS = ("none", "hadamard", "learned")
 

@@ -40,7 +40,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .choices import EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
-from .choices import ROTATION_APPLY, SCALES_INITS
+from .choices import DEVICE_MAPS, ROTATION_APPLY, SCALES_INITS
 
 __all__ = [
     "RecipeError",
@@ -93,6 +93,9 @@ class ModelConfig:
     path: str = MISSING  # hub id or local directory
     dtype: str = "float32"  # weights' dtype while training: float32 | bfloat16 | float16
     trust_remote_code: bool = False
+    # null = the whole model on the process's device; auto | balanced | balanced_low_0 | sequential: one process
+    # with the frozen model spread over its visible GPUs by accelerate (not with DDP/FSDP)
+    device_map: Optional[str] = None
 
 
 @dataclass
@@ -524,6 +527,8 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
 
     d, q, r = cfg.data, cfg.quant, cfg.rotation
     one_of("model.dtype", TRAIN_DTYPES)
+    if cfg.model.device_map is not None:
+        one_of("model.device_map", DEVICE_MAPS)
     one_of("quant.w_method", WEIGHT_METHODS)
     one_of("quant.format", QUANT_FORMATS)
     for scheme in cfg.export.schemes:

@@ -67,9 +67,10 @@ class RotateQuantWeight(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x = w.float() if w.dtype in (torch.bfloat16, torch.float16) else w
         if self.in_inst is not None:
-            x = rotate_axis(x, self.bank.get(self.in_inst).to(x.dtype), self.in_axis)
+            # .to(x): the weight's dtype and device (under a device map the bank sits on the first GPU)
+            x = rotate_axis(x, self.bank.get(self.in_inst).to(x), self.in_axis)
         if self.out_inst is not None:
-            x = rotate_axis(x, self.bank.get(self.out_inst).to(x.dtype), self.out_axis)
+            x = rotate_axis(x, self.bank.get(self.out_inst).to(x), self.out_axis)
         if self.in_scale is not None or self.out_scale is not None:
             x = self.scales.apply(x, self.in_scale, self.in_axis, self.out_scale, self.out_axis)
         if self.online_in:

@@ -148,7 +148,7 @@ class RotationJob:
         self.sharded = self.fsdp and self.state.num_processes > 1
         self.model = None
         if self.main or not self.sharded:
-            self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype,
+            self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, device_map=cfg.model.device_map,
                                         trust_remote_code=cfg.model.trust_remote_code)
         shape = self.model
         if self.sharded:
@@ -159,10 +159,17 @@ class RotationJob:
         vocab = shape.get_input_embeddings().num_embeddings
         check_token_ids(self.blocks, vocab, what="data.train", model=cfg.model.path)
         check_token_ids(self.windows, vocab, what="data.eval", model=cfg.model.path)
-        if not self.sharded:
+        input_device = self.state.device
+        if cfg.model.device_map:  # accelerate placed the layers; the rotations follow each layer's device
+            from .loading import device_map_summary
+
+            self.metrics["device_map"] = device_map_summary(self.model)
+            input_device = self.model.get_input_embeddings().weight.device
+            _log(f"device map ({cfg.model.device_map}): weights per device {self.metrics['device_map']}", self.main)
+        elif not self.sharded:
             self.model.to(self.state.device)
         if self.windows is not None:
-            self.windows = self.windows.to(self.state.device)
+            self.windows = self.windows.to(input_device)
         self.online = check_online_hadamards(shape, r3=cfg.rotation.r3, online=cfg.rotation.online,
                                              r4=cfg.rotation.r4)
         self.quant = QuantSettings.from_recipe(cfg.quant)

@@ -128,8 +128,11 @@ def check_seqlen(config: Mapping | Any, seqlen: int | None, key: str) -> None:
             return
 
 
-def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = False, device: str | None = None):
-    """AutoModelForCausalLM.from_pretrained on a local directory, refusing remote code unless allowed."""
+def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = False, device: str | None = None,
+                   device_map: str | None = None):
+    """AutoModelForCausalLM.from_pretrained on a local directory, refusing remote code unless allowed.
+    ``device_map`` (``choices.DEVICE_MAPS``): the model spread over the visible GPUs by accelerate (its
+    ``hf_device_map`` says where each module went), instead of ``device``."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
@@ -141,14 +144,30 @@ def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = 
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
+            str(p), dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code,
+            **({"device_map": device_map} if device_map else {}),
         )
     except OSError as e:  # e.g. no weights file: a user error (exit 2 in the CLI), not a traceback
         raise FileNotFoundError(f"cannot load the model in {str(path)!r}: {e}") from e
-    if device:
+    if device and not device_map:
         model.to(device)
     model.eval()
     return model
+
+
+def device_map_summary(model, key: str = "model.device_map") -> dict[str, int]:
+    """How many of a device-mapped model's parameter tensors sit on each device. Modules accelerate offloaded
+    (to the CPU or disk: the GPUs were too small) hold their weights on the meta device, loaded only inside each
+    forward, so they cannot be rotated in place: refused, naming ``key``."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        counts[str(p.device)] = counts.get(str(p.device), 0) + 1
+    if "meta" in counts:
+        raise ValueError(
+            f"{key}: the model does not fit the visible GPUs; accelerate offloaded {counts['meta']} weights to the "
+            f"CPU or disk (placement {counts}), and spinlearn needs every weight on a device to rotate it: use more "
+            "GPUs, FSDP (accelerate_configs/8gpu_fsdp.yaml), or see `spinlearn plan` for what fits")
+    return counts
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):

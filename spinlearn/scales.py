@@ -58,7 +58,7 @@ def scale_axis(t: torch.Tensor, s: torch.Tensor, axis: int) -> torch.Tensor:
     """``t`` with every slice along ``axis`` multiplied by the matching entry of ``s``. Differentiable."""
     shape = [1] * t.ndim
     shape[axis] = -1
-    return t * s.to(t.dtype).reshape(shape)
+    return t * s.to(t).reshape(shape)  # t's dtype and device (a device-mapped model: the layer's GPU)
 
 
 def expand_for_reader(s: torch.Tensor, width: int, head_dim: int | None, *, name: str = "") -> torch.Tensor:
@@ -247,7 +247,7 @@ class NormScaleHook:
         self.bank, self.key = bank, key
 
     def __call__(self, module, args, output):
-        return output / self.bank.get(self.key).to(output.dtype)
+        return output / self.bank.get(self.key).to(output)
 
 
 __all__ = ["SCALES_ATTR", "SCALES_INITS", "ScaleBank", "ScalePair", "plan_scales", "scale_axis", "expand_for_reader",

@@ -31,6 +31,7 @@ def _fold_norm(norm: nn.Module, s: torch.Tensor) -> None:
     info = inspect_norm(norm)
     one = 1.0 if info.plus_one else 0.0
     w = norm.weight.detach().to(s.dtype) + one
+    s = s.to(w.device)  # the norm's (a device-mapped model's layers sit on different GPUs)
     norm.weight.copy_((w / s - one).to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.copy_((norm.bias.detach().to(s.dtype) / s).to(norm.bias.dtype))
@@ -40,7 +41,7 @@ def _fold_norm(norm: nn.Module, s: torch.Tensor) -> None:
 def _scale_target(t, s: torch.Tensor, axis: int, with_bias: bool) -> None:
     t.weight.copy_(scale_axis(t.weight.detach().to(s.dtype), s, axis).to(t.weight.dtype))
     if with_bias and t.bias is not None:
-        t.bias.copy_((t.bias.detach().to(s.dtype) * s).to(t.bias.dtype))
+        t.bias.copy_((t.bias.detach().to(s.dtype) * s.to(t.bias.device)).to(t.bias.dtype))
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def fold_scales(model: nn.Module, plan, scales: ScaleBank | dict[str, torch.Tens
     modules = dict(model.named_modules())
     for key, s in values.items():
         p = pairs[key]
-        s = s.to(device=next(model.parameters()).device, dtype=dtype)
+        s = s.to(dtype=dtype)  # each target takes it to its own device
         if p.kind == "norm":
             _fold_norm(modules[p.source], s)
         else:

@@ -91,3 +91,47 @@ def test_folding_a_cpu_model_on_the_gpu_equals_folding_it_on_the_cpu(mode):
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
         assert (a - b).abs().max().item() <= 1e-12, name
+
+
+def test_the_wrappers_follow_each_layers_device_in_a_device_map():
+    """model.device_map: accelerate dispatches the embeddings and the first decoder layer to the CPU, the rest to
+    the GPU (the CPU as main device: both execute where they sit); the rotation and scale banks sit with the first
+    weight. W4A4KV4 with R3/R4, learned scales and clips: the loss and the learned tensors' gradients equal the same
+    model's on the CPU alone, and the fold writes every weight on its own device."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    from spinlearn.fusion import fold_rotations
+    from spinlearn.scales import ScaleBank, plan_scales
+
+    whole = tiny_model("llama")
+    mapped = dispatch_model(copy.deepcopy(whole), main_device="cpu", device_map={
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": 0,
+        "model.norm": 0, "lm_head": 0})
+    ids = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    q = QuantSettings.from_flags(w_bits=4, a_bits=4, kv_bits=4)
+
+    def loss_and_grads(model):
+        plan = prepare_model(model, layout_for("llama"))
+        pairs = plan_scales(model, plan, log=False)
+        init = {p.key: 0.5 + torch.rand(p.width, generator=torch.Generator().manual_seed(1)) for p in pairs}
+        with rotations_attached(model, plan, make_matrices(plan, seed=0), quant=q, r3=True,
+                                online=online_linears(model, r4=True), scales=ScaleBank(pairs, init),
+                                learn_a_clip=True, learn_w_clip=True) as h:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            learned = [*h.bank.named_parameters(), *h.scales.named_parameters()]
+            grads = {n: p.grad.detach().cpu().double() for n, p in learned}
+        return plan, loss.item(), grads
+
+    _, ref_loss, ref_grads = loss_and_grads(whole)
+    plan, loss, grads = loss_and_grads(mapped)
+    assert {p.device.type for p in mapped.parameters()} == {"cpu", "cuda"}
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    flat, ref_flat = (torch.cat([g[n].flatten() for n in ref_grads]) for g in (grads, ref_grads))
+    assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0).item() >= 0.999  # CPU vs GPU roundings
+    devices = {n: p.device for n, p in mapped.named_parameters()}
+    fold_rotations(plan.placements, make_matrices(plan, seed=0), True)
+    assert {n: p.device for n, p in mapped.named_parameters()} == devices

@@ -320,6 +320,8 @@ BAD_INPUTS = {
     "bits_low": ({"quant.w_bits": 1}, r"quant.w_bits=1 is out of range: bits must be an integer in 2..16"),
     "bits_high": ({"quant.kv_bits": 17}, r"quant.kv_bits=17 is out of range: bits must be an integer in 2..16"),
     "r3_head_dim": ({"rotation.r3": "true", "model.path": "{hd10}"}, r"rotation.r3: .*no order 10 \(head_dim"),
+    "device_map_value": ({"model.device_map": "everywhere"},
+                         r"model.device_map: must be one of auto \| balanced \| balanced_low_0 \| sequential"),
 }
 
 
@@ -344,6 +346,34 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, assets, r3_unsupported
     assert nothing_exported(out)
     if case == "hub_offline":
         assert elapsed < 1.0  # refused at once, not after the datasets library's retries
+
+
+def test_a_device_map_under_ddp_or_fsdp_is_refused_before_anything_starts(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch sets for 2 processes
+    out = tmp_path / "out"
+    assert run_main(assets, overrides_for(out, **{"model.device_map": "auto"})) == 2
+    err = capsys.readouterr().err
+    assert "model.device_map='auto' spreads the model over one process's GPUs, but this job runs 2 processes" in err
+    assert "model.device_map=null" in err and nothing_exported(out)
+
+
+def test_a_device_mapped_run_equals_the_plain_run(assets, tmp_path):
+    """model.device_map: auto loads the model through accelerate (on this CPU-only machine every module lands on
+    the CPU) and leaves its placement alone; the run learns and measures what a plain run does. (Layers on
+    different GPUs: tests/test_gpu.py.)"""
+    quick = {"export.schemes": "[]", "eval.baselines": "false", "rotation.learn_scales": "true",
+             "quant.learn_a_clip": "true"}
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    assert run_main(assets, overrides_for(plain, **quick)) == 0
+    assert run_main(assets, overrides_for(mapped, **quick, **{"model.device_map": "auto"})) == 0
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in (plain, mapped)]
+    with safe_open(str(assets["model"] / "model.safetensors"), "pt") as f:
+        n_weights = len(list(f.keys()))
+    assert metrics[1]["device_map"] == {"cpu": n_weights} and "device_map" not in metrics[0]
+    assert metrics[1]["rows"] == metrics[0]["rows"]
+    for name in ("rotations.safetensors", "scales.safetensors", "activation_clips.safetensors"):
+        a, b = load_file(plain / name), load_file(mapped / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_existing_output_dir_is_refused(assets, tmp_path, capsys):

@@ -17,6 +17,7 @@ from spinlearn.loading import (
     check_model_dir,
     check_safetensors,
     check_seqlen,
+    device_map_summary,
     load_causal_lm,
     load_tokenizer,
 )
@@ -136,3 +137,14 @@ def test_train_refuses_seqlen_beyond_the_context_before_loading_data(tmp_path, c
     refused(capsys, ["train", "--config", recipe],
             r"data.eval_seqlen=4096 is beyond the model's context \(max_position_embeddings = 2048\)")
     assert not (tmp_path / "out").exists()
+
+
+def test_device_map_summary_counts_weights_per_device_and_refuses_offloaded_ones():
+    model = tiny_model("llama")
+    n = len(list(model.parameters()))
+    assert device_map_summary(model) == {"cpu": n}
+    model.model.layers[1].to("meta")  # what accelerate leaves in place of weights it offloaded to the CPU or disk
+    offloaded = len(list(model.model.layers[1].parameters()))
+    with pytest.raises(ValueError, match=rf"model.device_map: the model does not fit the visible GPUs; accelerate "
+                                         rf"offloaded {offloaded} weights .*use more GPUs, FSDP"):
+        device_map_summary(model)
