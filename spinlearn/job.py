@@ -142,14 +142,12 @@ class RotationJob:
         """The frozen model, its quantizers and the linears with online input Hadamards. Under FSDP with several
         ranks only rank 0 loads the weights, to the CPU (``spinlearn.sharded``): the ranks compute on sharded views."""
         from .data import check_token_ids
-        from .loading import load_causal_lm
 
         cfg = self.cfg
         self.sharded = self.fsdp and self.state.num_processes > 1
         self.model = None
         if self.main or not self.sharded:
-            self.model = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, device_map=cfg.model.device_map,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+            self.model = self._load_model(place=False)
         shape = self.model
         if self.sharded:
             from .sharded import skeleton
@@ -414,6 +412,16 @@ class RotationJob:
             shard_and_fill(model, self.model, self.state.device)
             yield model, handle
 
+    def _load_model(self, place: bool = True):
+        """The recipe's model from its files (``model.device_map``: spread by accelerate); ``place``: on this
+        process's device too (a device-mapped model stays where accelerate put it)."""
+        from .loading import load_causal_lm
+
+        cfg = self.cfg.model
+        model = load_causal_lm(cfg.path, dtype=cfg.dtype, device_map=cfg.device_map,
+                               trust_remote_code=cfg.trust_remote_code)
+        return model.to(self.state.device) if place and not cfg.device_map else model
+
     def _fused_wrappers(self, model, plan):
         """The quantizers and online Hadamards of the learned row, with the learned clip ratios: what an export
         serves."""
@@ -456,8 +464,9 @@ class RotationJob:
             _log(f"export: {dest.name}/ (compressed-tensors)", self.main)
 
     def _gptq_row(self) -> None:
-        """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV. With baselines on and RTN
-        weights: the W4A16 GPTQ row of the results table."""
+        """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV on the learned matrices and, with
+        eval.baselines, on the start matrices (the reference under GPTQ). With baselines on and RTN weights: the
+        W4A16 GPTQ row of the results table."""
         cfg = self.cfg
         if self.windows is None or not (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
             return
@@ -466,20 +475,38 @@ class RotationJob:
             _log("GPTQ row: skipped under FSDP (no rank holds the whole model on its device); the exports and the "
                  "learned row are complete", self.main)
             return
+        gptq_recipe = cfg.quant.w_method == "gptq"
+        gq = QuantSettings.for_gptq(cfg.quant, with_activations=gptq_recipe)
+        name = gq.name.removesuffix("KV16")
+        # the learned clips: what the learned row used (W16A4KV4 recipes)
+        self.metrics["ppl_gptq"] = self._gptq_ppl(f"{name} GPTQ, learned rotation", self.model, gq,
+                                                  self.learned_clips or "none")
+        if gptq_recipe and cfg.eval.baselines:
+            # The reference for what learning gave under GPTQ (SpinQuant's comparison): the start matrices folded
+            # into the original weights, GPTQ on them. GPTQ rewrote the fused model in place; the original is
+            # loaded again in its place (one model in memory at a time).
+            self.model = self.plan = None
+            model = self._load_model()
+            plan = prepare_model(model, cfg.rotation.layout)
+            fold_rotations(plan.placements, self.start, plan.layout.use_float64, device=self.state.device)
+            label = f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
+            self.metrics["ppl_gptq_start"] = self._gptq_ppl(label, model, gq, "none")
+
+    def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips) -> float:
+        """GPTQ (the recipe's quant.gptq settings) on ``model``'s float weights, in place; its row of the table."""
         from .evaluate import evaluate_setting
 
+        cfg = self.cfg
         g = cfg.quant.gptq
-        gq = QuantSettings.for_gptq(cfg.quant, with_activations=cfg.quant.w_method == "gptq")
-        label = f"{gq.name.removesuffix('KV16')} GPTQ, learned rotation"
         res = evaluate_setting(
-            self.model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
+            model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
             gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
             r3=cfg.rotation.r3, online=self.online, batch_size=cfg.eval.batch_size, progress=self.main,
-            activation_clips=self.learned_clips or "none",  # what the learned row used (W16A4KV4 recipes)
+            activation_clips=activation_clips,
         )
         self.metrics["rows"][label] = res["ppl"]
-        self.metrics["ppl_gptq"] = res["ppl"]
         _log(f"{label}: perplexity {res['ppl']:.3f}", self.main)
+        return res["ppl"]
 
     @property
     def profiling(self) -> bool:

@@ -506,7 +506,24 @@ def test_the_jobs_gptq_keeps_the_recipes_mse_clip_search(assets, tmp_path, monke
     overrides = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4,
                  "train.max_steps": 1}
     assert run_main(assets, overrides_for(out, **overrides)) == 0
-    (kw,) = [k for k in seen if k.get("w_method") == "gptq"]
-    q = kw["quant"]
-    assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, True, 4, 4)
-    assert "W4A4KV4 GPTQ, learned rotation" in json.loads((out / "metrics.json").read_text())["rows"]
+    calls = [k for k in seen if k.get("w_method") == "gptq"]
+    assert len(calls) == 2  # the learned matrices, then the start (eval.baselines)
+    for kw in calls:
+        q = kw["quant"]
+        assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, True, 4, 4)
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert {"W4A4KV4 GPTQ, learned rotation", "W4A4KV4 GPTQ, random Hadamard rotation"} <= set(rows)
+
+
+def test_the_gptq_start_row_is_gptq_on_the_start_matrices(assets, tmp_path):
+    """W16A4KV4 recipes with eval.baselines: the start matrices + GPTQ row, the reference for what learning gave
+    under GPTQ. With a learning rate too small to move anything, it equals the learned + GPTQ row; both are real
+    GPTQ results (not the W16 rows)."""
+    out = tmp_path / "out"
+    overrides = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.gptq.w_bits": 4, "train.max_steps": 1,
+                 "train.learning_rate": 1e-12, "export.schemes": "[]", "eval.baselines": "true"}
+    assert run_main(assets, overrides_for(out, **overrides)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ppl_gptq_start"] == m["rows"]["W4A4KV4 GPTQ, random Hadamard rotation"]
+    assert abs(m["ppl_gptq_start"] - m["ppl_gptq"]) <= 1e-5 * m["ppl_gptq"]
+    assert abs(m["ppl_gptq_start"] - m["ppl_quant_before"]) > 1e-3 * m["ppl_gptq"]  # W4 GPTQ is not the W16 row
