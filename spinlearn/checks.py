@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .artifacts import check_output_dir, resolve_resume
-from .loading import check_model_dir, check_seqlen
+from .loading import check_model_dir, check_remote_code, check_seqlen
 
 
 def check_job_inputs(cfg) -> str | None:
@@ -22,6 +22,7 @@ def check_job_inputs(cfg) -> str | None:
     check_output_dir(cfg.output_dir, overwrite=bool(cfg.overwrite_output_dir or resume), label="output_dir",
                      overwrite_hint="set overwrite_output_dir=true or train.resume_from_checkpoint=latest")
     config_json = check_model_dir(cfg.model.path)
+    check_remote_code(cfg.model.path, cfg.model.trust_remote_code)
     check_seqlen(config_json, cfg.data.seqlen, "data.seqlen")
     check_seqlen(config_json, cfg.data.eval_seqlen, "data.eval_seqlen")
     _check_layout(cfg)
@@ -50,7 +51,7 @@ def _check_layout(cfg) -> None:
 
     config = AutoConfig.from_pretrained(str(Path(cfg.model.path)), trust_remote_code=cfg.model.trust_remote_code)
     check_layout_for_config(cfg.rotation.layout, config)
-    model = meta_model(config)
+    model = meta_model(config, trust_remote_code=cfg.model.trust_remote_code)
     online_linears(model, cfg.rotation.online, cfg.rotation.r4)
     _check_exports(cfg, model)
 

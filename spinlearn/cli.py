@@ -129,7 +129,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
 
     torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     eval_ids = tokenize_concat(load_text(args.data, split="test", text_field=args.text_field), tokenizer)
     windows = eval_windows(eval_ids, args.seqlen)[: args.max_windows]
     calib = None
@@ -144,6 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype, batch_size=args.batch_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
         task_limit=args.task_limit, activation_clips=args.activation_clips, weight_clips=args.weight_clips,
+        trust_remote_code=args.trust_remote_code,
     )
     result["settings"].update(
         data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
@@ -271,6 +272,8 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")
     e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own code (config.json auto_map) to build it; only for models you trust")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--json", default=None, help="write the perplexity and every setting to this JSON file")
     e.add_argument("--tasks", default=None,

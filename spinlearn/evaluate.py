@@ -194,7 +194,7 @@ def _rtn_bare_weights(model: nn.Module, spec: QuantSpec) -> list[str]:
     return names
 
 
-def _load(model_path_or_model, dtype):
+def _load(model_path_or_model, dtype, trust_remote_code: bool = False):
     if isinstance(model_path_or_model, nn.Module):
         return model_path_or_model, None
     from .loading import check_model_path, load_causal_lm
@@ -205,13 +205,13 @@ def _load(model_path_or_model, dtype):
     try:
         if is_export(path):  # compressed-tensors export: decompress and apply its online transforms
             check_safetensors(path)  # (load_causal_lm checks a plain model's files itself)
-            model = load_export(path, dtype=dtype)
+            model = load_export(path, dtype=dtype, trust_remote_code=trust_remote_code)
             info = model.spinlearn_export
             acts = f"; {info['activations']} activation quantization applied" if info["activations"] else ""
             print(f"loaded export {path} ({info['format'] or 'float'}): weights decompressed with compressed-tensors, "
                   f"online input transforms applied on {len(info['online'])} layers{acts}", file=sys.stderr)
             return model, path
-        return load_causal_lm(path, dtype=dtype), path
+        return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code), path
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # safetensors' own error types, e.g. data shorter than the header says
@@ -389,6 +389,7 @@ def evaluate_setting(
     task_limit: int | None = None,
     activation_clips: str | Path | dict | None = None,
     weight_clips: str | Path | dict | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Perplexity of one (rotation, quantization) setting; returns {"ppl": float, "settings": {...}}.
 
@@ -406,7 +407,7 @@ def evaluate_setting(
     quant = quant or QuantSettings()
     _check_setting(rotation, w_method, rotations_file, calib_blocks)
     source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
-    model, path = _load(model_path_or_model, dtype)
+    model, path = _load(model_path_or_model, dtype, trust_remote_code)
     model.eval()
     settings: dict = {"model": str(path) if path is not None else type(model).__name__,
                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

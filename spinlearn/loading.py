@@ -74,6 +74,15 @@ def needs_remote_code(path: Path) -> bool:
     return "auto_map" in cfg and cfg.get("model_type") not in CONFIG_MAPPING
 
 
+def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a model that needs its own code (config.json auto_map) unless it is trusted, naming both switches."""
+    if needs_remote_code(Path(path)) and not trust_remote_code:
+        raise ValueError(
+            f"model at {str(path)!r} needs custom code from the hub or its directory (config.json has auto_map); "
+            "pass --trust-remote-code (recipe: model.trust_remote_code=true) if you trust it"
+        )
+
+
 def check_safetensors(model_dir: str | Path) -> None:
     """Raise ValueError naming the first weights file in ``model_dir`` whose safetensors header is unreadable
     or whose data is cut short (cheap: headers only; transformers' own error does not say which file)."""
@@ -137,11 +146,7 @@ def load_causal_lm(path: str | Path, *, dtype="auto", trust_remote_code: bool = 
 
     p = Path(path)
     check_model_dir(p)
-    if needs_remote_code(p) and not trust_remote_code:
-        raise ValueError(
-            f"model at {str(path)!r} needs custom code from the hub or its directory (config.json has auto_map); "
-            "pass --trust-remote-code (recipe: model.trust_remote_code=true) if you trust it"
-        )
+    check_remote_code(p, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code,
@@ -186,13 +191,14 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         raise FileNotFoundError(f"cannot load the tokenizer in {str(path)!r}: {first}") from e
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The model ``config`` describes, built on the ``meta`` device: every module and shape, no memory, no weights
-    (for checks and plans made before anything is loaded)."""
+    (for checks and plans made before anything is loaded). ``trust_remote_code``: a config with custom code
+    (``auto_map``) builds its own model class (the recipe's ``model.trust_remote_code``)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -76,8 +76,10 @@ STRATEGIES = ("single", "ddp", "fsdp", "device_map")
 STRATEGY_LABELS = {"single": "single process", "ddp": "DDP", "fsdp": "FSDP", "device_map": "device map"}
 
 
-def load_config(path: str | Path):
-    """A transformers config from a model directory (only its config.json is read) or a config.json path."""
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """A transformers config from a model directory (only its config.json is read) or a config.json path.
+    ``trust_remote_code``: a config with custom code (``auto_map``) is decoded by its own class, from the files
+    beside it."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -91,7 +93,9 @@ def load_config(path: str | Path):
         raise ValueError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(values, dict) or "model_type" not in values:
         raise ValueError(f"{file}: no 'model_type' key, so the architecture is unknown")
-    return AutoConfig.from_pretrained(str(file))  # transformers' own decoding (e.g. Infinity), never the hub
+    if trust_remote_code and "auto_map" in values:  # the configuration_*.py beside it
+        return AutoConfig.from_pretrained(str(file.parent), trust_remote_code=True)
+    return AutoConfig.from_pretrained(str(file), trust_remote_code=False)  # transformers' own decoding, never the hub
 
 
 @dataclass
@@ -171,7 +175,7 @@ def _rotated_targets(model, layout_name: str, config):
     return targets, list(sizes.values())
 
 
-def model_shape(config, layout: str = "transformer_universal") -> ModelShape:
+def model_shape(config, layout: str = "transformer_universal", trust_remote_code: bool = False) -> ModelShape:
     """Count ``config``'s model on the meta device and resolve ``layout`` on it (no memory, no weights).
     ``layout: auto`` is inferred by running a model, which the meta device cannot: AUTO_LAYOUT_STANDIN is
     counted instead (the same tensors are rotated for the families it covers)."""
@@ -179,7 +183,7 @@ def model_shape(config, layout: str = "transformer_universal") -> ModelShape:
 
     from .loading import meta_model
 
-    model = meta_model(config)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
@@ -333,7 +337,8 @@ def make_plan(model: str | Path, recipe, *, gpus: int = 1, gpu_mem: float | None
 
     cfg = recipe if isinstance(recipe, DictConfig) else load_recipe(recipe, overrides)
     st = Settings.from_recipe(cfg)
-    shape = model_shape(load_config(model), st.layout)
+    remote = bool(cfg.model.trust_remote_code)
+    shape = model_shape(load_config(model, trust_remote_code=remote), st.layout, trust_remote_code=remote)
     estimates, fits = {}, {}
     for strategy in STRATEGIES if gpus > 1 else ("single",):
         estimates[strategy] = {}

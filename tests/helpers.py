@@ -107,6 +107,25 @@ def save_tiny_model_dir(path, family: str = "llama", tokenizer_dir=None, seed: i
     return Path(path)
 
 
+def save_remote_code_model_dir(path, seed: int = 0):
+    """``save_tiny_model_dir``'s Llama as a model with custom code (``auto_map``): its config and model classes are
+    subclasses defined in files beside the weights, loadable only with trust_remote_code."""
+    import json
+
+    path = save_tiny_model_dir(path, "llama", seed=seed)
+    (path / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n")
+    (path / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="custom_llama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 TINY_WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree car road sun".split()
 
 

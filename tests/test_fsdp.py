@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from spinlearn import distributed
 from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, ROTATIONS_FILE, SCALES_FILE, WEIGHT_CLIPS_FILE
+from helpers import save_remote_code_model_dir
 from test_job import (  # noqa: F401  (assets is a fixture)
     IDS,
     ROOT,
@@ -214,6 +215,25 @@ def test_fsdp_on_the_demo_model_equals_ddp_and_exports_its_fold(assets, tmp_path
         exported = AutoModelForCausalLM.from_pretrained(runs["fsdp"] / "model").eval()(input_ids=ids).logits
         original = AutoModelForCausalLM.from_pretrained(demo / "model").eval()(input_ids=ids).logits
     assert rel_err(exported, original) <= 1e-4
+
+
+def test_fsdp_on_a_model_with_custom_code(assets, tmp_path):
+    """model.trust_remote_code under FSDP: rank 1 rebuilds rank 0's model from a pickled copy, so it must know the
+    model's own classes too (its checks import them); the run learns and its fused model computes the original's
+    function with the custom class."""
+    from transformers import AutoModelForCausalLM
+
+    src = save_remote_code_model_dir(tmp_path / "custom")
+    out = tmp_path / "out"
+    launch_fsdp(assets, out, tmp_path / "ranks", **{"model.path": src, "model.trust_remote_code": "true",
+                                                    "export.schemes": "[]", "eval.baselines": "false"})
+    rank0, rank1 = (load_file(tmp_path / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    with torch.no_grad():
+        fused = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
+        original = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True).eval()
+        assert type(fused).__name__ == "CustomForCausalLM"
+        assert rel_err(fused(input_ids=IDS).logits, original(input_ids=IDS).logits) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------ without processes

@@ -24,7 +24,7 @@ from spinlearn.config import load_recipe
 from spinlearn.data import load_text, tokenize_concat
 from spinlearn.loading import load_tokenizer
 from spinlearn.optim import max_orthogonality_error
-from helpers import save_tiny_model_dir
+from helpers import save_remote_code_model_dir, save_tiny_model_dir
 from spinlearn.artifacts import OPTIMIZER_FILE, ROTATIONS_FILE, RUN_MARKER
 from spinlearn.trainer import RotationTrainer
 from transformers import TrainerCallback
@@ -374,6 +374,29 @@ def test_a_device_mapped_run_equals_the_plain_run(assets, tmp_path):
     for name in ("rotations.safetensors", "scales.safetensors", "activation_clips.safetensors"):
         a, b = load_file(plain / name), load_file(mapped / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_model_with_custom_code_needs_trust_remote_code_and_its_outputs_carry_the_code(assets, tmp_path, capsys):
+    """model.trust_remote_code: a model whose classes live in files beside its weights (config.json auto_map) is
+    refused without it; with it the job checks it (on the meta device, with its own classes), learns, and writes a
+    model/ and exports that carry the code: they load with trust_remote_code and compute the original's function."""
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.export import load_export
+
+    src = save_remote_code_model_dir(tmp_path / "custom")
+    assert run_main(assets, overrides_for(tmp_path / "refused", **{"model.path": src})) == 2
+    assert "needs custom code from the hub or its directory (config.json has auto_map); pass --trust-remote-code " \
+           "(recipe: model.trust_remote_code=true)" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert run_main(assets, overrides_for(out, **{"model.path": src, "model.trust_remote_code": "true",
+                                                  "export.schemes": "[float]", "eval.baselines": "false"})) == 0
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True).eval()(input_ids=IDS).logits
+        for loaded in (AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True),
+                       load_export(out / "export-float", trust_remote_code=True)):
+            assert type(loaded).__name__ == "CustomForCausalLM"
+            assert rel_err(loaded.eval()(input_ids=IDS).logits, ref) <= 1e-4
 
 
 def test_existing_output_dir_is_refused(assets, tmp_path, capsys):

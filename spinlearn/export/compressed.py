@@ -120,6 +120,10 @@ def write_checkpoint(out: Path, model: nn.Module, tensors: dict[str, Tensor], qc
     from compressed_tensors.compressors import ModelCompressor
 
     model.config.save_pretrained(str(out))
+    if getattr(model, "_auto_class", None) is not None:  # custom code (trust_remote_code): its modeling files too,
+        from transformers.dynamic_module_utils import custom_object_save  # as save_pretrained writes them
+
+        custom_object_save(model, str(out), config=model.config)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(str(out))
     save_sharded(tensors, out)

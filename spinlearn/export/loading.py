@@ -159,11 +159,13 @@ def apply_activation_quant(model: nn.Module, names: list[str], tensors: dict[str
     return name
 
 
-def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Module:
+def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> nn.Module:
     """A compressed-tensors export as an eval-mode float model computing what vLLM serves: weights decompressed,
     online transforms hooked, then the declared activation quantization (w8a8, nvfp4) hooked.
 
-    ``model.spinlearn_export`` records {"format", "online": [module names], "activations": scheme or None}."""
+    ``model.spinlearn_export`` records {"format", "online": [module names], "activations": scheme or None}.
+    ``trust_remote_code``: an export of a model with custom code (config.json auto_map) builds it with its own
+    classes, from the files beside the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..loading import parse_dtype
@@ -173,7 +175,7 @@ def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Mo
     if qc is None:
         raise ValueError(f"{str(path)!r} is not a compressed-tensors checkpoint "
                          "(no quantization_config in config.json)")
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     want = parse_dtype(dtype)
@@ -181,7 +183,7 @@ def load_export(path: str | Path, *, dtype: str | torch.dtype = "auto") -> nn.Mo
     if want == "auto":
         saved = getattr(config, "dtype", None) or torch.float32
         torch_dtype = getattr(torch, saved) if isinstance(saved, str) else saved
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     tensors = _read_tensors(path)
     quantized = _decompress(model, tensors, qc)
     online = apply_online_transforms(model, tensors, qc)
