@@ -187,6 +187,21 @@ def test_counts_match_a_real_model(tmp_path, family):
     assert shape.widths["intermediate"] == expected  # MoE: the top-k experts each token runs through
 
 
+def test_a_model_with_custom_code_is_planned_with_its_own_classes(tmp_path):
+    """A config.json with auto_map: decoded and built with the model's own classes when the recipe trusts its code
+    (model.trust_remote_code), counted like the same architecture without custom code; refused otherwise."""
+    from tests.helpers import save_remote_code_model_dir, save_tiny_model_dir
+
+    src = save_remote_code_model_dir(tmp_path / "custom")
+    recipe = ROOT / "recipes" / "demo.yaml"
+    plan = memplan.make_plan(src, recipe, overrides=["model.trust_remote_code=true"])
+    assert plan["architecture"] == "CustomForCausalLM"
+    plain = memplan.make_plan(save_tiny_model_dir(tmp_path / "plain", "llama"), recipe)
+    assert plan["params"] == plain["params"] and plan["estimates"] == plain["estimates"]
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        memplan.make_plan(src, recipe)
+
+
 def test_load_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         memplan.load_config(tmp_path)
