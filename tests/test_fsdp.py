@@ -183,6 +183,7 @@ def test_fsdp_with_the_rotations_on_the_activations_trains_like_one_process(asse
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4
 
 
+@pytest.mark.slow  # a minute: the tiny-model tests above check the same on every run
 def test_fsdp_on_the_demo_model_equals_ddp_and_exports_its_fold(assets, tmp_path):
     """The demo recipe as shipped (W4A4KV4, R3/R4, scales and every clip ratio learned) for 4 steps on 2 ranks: FSDP
     learns bit for bit what DDP learns from the same micro-batches (both equal on their ranks), its rows (sharded
