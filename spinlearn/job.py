@@ -254,7 +254,9 @@ class RotationJob:
 
     def evaluate_learned(self) -> None:
         """The learned row, on the fused model with the run's online Hadamards: exactly what an export serves.
-        Guard: if it is worse than the start (``eval.guard``), the start is kept instead, and the run says so."""
+        Guard: if it is worse than the start (``eval.guard``), the start is kept instead, and the run says so.
+        W16A4KV4 recipes (``quant.w_method: gptq``) are judged by what they deploy: learned + GPTQ against the
+        start + GPTQ (both GPTQ rows are computed here, on one process or DDP)."""
         if self.windows is None and not self.profiling:
             return
         with self._view(self._fused_wrappers) as (model, _):
@@ -263,24 +265,36 @@ class RotationJob:
                 return
             after = self._ppl(f"{self.quant.name} RTN, learned rotation", model)
         self.metrics["ppl_quant_after"] = after
-        before = self.metrics["ppl_quant_before"]
+        judged = [f"{self.quant.name} RTN, learned rotation", after, self.metrics["ppl_quant_before"]]
+        if self.cfg.eval.guard and self.cfg.quant.w_method == "gptq" and not self.sharded:
+            judged = self._gptq_rows(restore=True)
+        label, after, before = judged
         if self.cfg.eval.guard and after > before:
-            _log(f"guard: the learned rotations ({after:.3f}) are worse than the start ({before:.3f}) on the "
-                 "evaluation split; keeping the start matrices (eval.guard=false keeps the learned ones)", self.main)
-            if self.model is not None and self.learned_scales is not None:  # undo the scales before the rotations
-                fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
-            if self.model is not None:
-                fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start),
-                               self.plan.layout.use_float64, device=self.state.device)
-            self.learned, self.learned_scales, self.learned_clips, self.learned_w_clips = self.start, None, None, None
-            for extra in ("scales", "activation_clips", "weight_clips"):  # they were dropped too
-                self.metrics.pop(extra, None)
-            self.metrics["guard"] = {"kept": "start", "ppl_learned": after, "ppl_start": before}
-            self.metrics["ppl_quant_after"] = before
-            del self.metrics["rows"][f"{self.quant.name} RTN, learned rotation"]
-            self.metrics["rows"][f"{self.quant.name} RTN, learned rotation (guard: start kept)"] = before
+            self._keep_start(label, after, before)
         else:
-            self.metrics["guard"] = {"kept": "learned"}
+            self.metrics["guard"] = {"kept": "learned", "judged_on": label}
+
+    def _keep_start(self, label: str, after: float, before: float) -> None:
+        """The guard's verdict: the start matrices replace the learned ones in the model (scales undone first) and
+        in every row and file that follows; the learned extras are dropped."""
+        _log(f"guard: the learned rotations ({label}: {after:.3f}) are worse than the start ({before:.3f}) on the "
+             "evaluation split; keeping the start matrices (eval.guard=false keeps the learned ones)", self.main)
+        if self.model is not None and self.learned_scales is not None:  # undo the scales before the rotations
+            fold_scales(self.model, self.plan, {k: 1.0 / s for k, s in self.learned_scales.items()})
+        if self.model is not None:
+            fold_rotations(self.plan.placements, _inverse_then(self.learned, self.start),
+                           self.plan.layout.use_float64, device=self.state.device)
+        self.learned, self.learned_scales, self.learned_clips, self.learned_w_clips = self.start, None, None, None
+        for extra in ("scales", "activation_clips", "weight_clips"):  # they were dropped too
+            self.metrics.pop(extra, None)
+        self.metrics["guard"] = {"kept": "start", "judged_on": label, "ppl_learned": after, "ppl_start": before}
+        rows = self.metrics["rows"]
+        learned_rows = {"ppl_quant_after": (f"{self.quant.name} RTN, learned rotation", "ppl_quant_before"),
+                        "ppl_gptq": (f"{self._gptq_settings()[1]} GPTQ, learned rotation", "ppl_gptq_start")}
+        for key, (row, start_key) in learned_rows.items():
+            if key in self.metrics:
+                del rows[row]
+                rows[f"{row} (guard: start kept)"] = self.metrics[key] = self.metrics[start_key]
 
     def export(self) -> None:
         """Stage the fused model, the matrices, the recipe and every deployable export (main process), then the
@@ -465,8 +479,8 @@ class RotationJob:
 
     def _gptq_row(self) -> None:
         """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV on the learned matrices and, with
-        eval.baselines, on the start matrices (the reference under GPTQ). With baselines on and RTN weights: the
-        W4A16 GPTQ row of the results table."""
+        eval.baselines, on the start matrices (the reference under GPTQ), unless the guard computed both already.
+        With baselines on and RTN weights: the W4A16 GPTQ row of the results table."""
         cfg = self.cfg
         if self.windows is None or not (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
             return
@@ -475,22 +489,38 @@ class RotationJob:
             _log("GPTQ row: skipped under FSDP (no rank holds the whole model on its device); the exports and the "
                  "learned row are complete", self.main)
             return
-        gptq_recipe = cfg.quant.w_method == "gptq"
-        gq = QuantSettings.for_gptq(cfg.quant, with_activations=gptq_recipe)
-        name = gq.name.removesuffix("KV16")
-        # the learned clips: what the learned row used (W16A4KV4 recipes)
-        self.metrics["ppl_gptq"] = self._gptq_ppl(f"{name} GPTQ, learned rotation", self.model, gq,
-                                                  self.learned_clips or "none")
-        if gptq_recipe and cfg.eval.baselines:
-            # The reference for what learning gave under GPTQ (SpinQuant's comparison): the start matrices folded
-            # into the original weights, GPTQ on them. GPTQ rewrote the fused model in place; the original is
-            # loaded again in its place (one model in memory at a time).
+        if "ppl_gptq" not in self.metrics:  # (the guard computed the W16A4KV4 recipes' rows already)
+            self._gptq_rows(restore=False, start=cfg.quant.w_method == "gptq" and cfg.eval.baselines)
+
+    def _gptq_rows(self, *, restore: bool, start: bool = True) -> list:
+        """GPTQ on the learned matrices (W16A4KV4 recipes: with the recipe's activations/KV and learned clips) and,
+        with ``start``, on the start matrices: the reference for what learning gave under GPTQ, SpinQuant's
+        comparison. GPTQ rewrites the weights in place: ``restore`` brings the fused float model back afterwards
+        (from a CPU copy); the start's row runs on the original weights loaded again. Returns [the learned row's
+        label, its perplexity, the start's]."""
+        cfg = self.cfg
+        gq, name = self._gptq_settings()
+        backup = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()} if restore else None
+        label = f"{name} GPTQ, learned rotation"
+        self.metrics["ppl_gptq"] = self._gptq_ppl(label, self.model, gq, self.learned_clips or "none")
+        if backup is not None:
+            self.model.load_state_dict(backup)
+            del backup
+        elif start:  # GPTQ rewrote the fused model and nothing after this row needs it: one model in memory
             self.model = self.plan = None
+        if start:
             model = self._load_model()
             plan = prepare_model(model, cfg.rotation.layout)
             fold_rotations(plan.placements, self.start, plan.layout.use_float64, device=self.state.device)
-            label = f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
-            self.metrics["ppl_gptq_start"] = self._gptq_ppl(label, model, gq, "none")
+            self.metrics["ppl_gptq_start"] = self._gptq_ppl(
+                f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation", model, gq, "none")
+        return [label, self.metrics["ppl_gptq"], self.metrics.get("ppl_gptq_start")]
+
+    def _gptq_settings(self) -> tuple[QuantSettings, str]:
+        """The GPTQ rows' quantizers (W16A4KV4 recipes: with the recipe's activations and K/V; else W4A16) and the
+        name their rows carry."""
+        gq = QuantSettings.for_gptq(self.cfg.quant, with_activations=self.cfg.quant.w_method == "gptq")
+        return gq, gq.name.removesuffix("KV16")
 
     def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips) -> float:
         """GPTQ (the recipe's quant.gptq settings) on ``model``'s float weights, in place; its row of the table."""

@@ -216,6 +216,51 @@ def test_guard_keeps_the_start_when_learning_made_it_worse(assets, tmp_path, mon
         assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
 
 
+W16A4KV4 = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.gptq.w_bits": 4, "eval.guard": "true",
+            "eval.baselines": "false", "export.schemes": "[]"}
+
+
+@pytest.mark.parametrize("hurt", [False, True])
+def test_the_guard_judges_w16a4kv4_recipes_by_their_gptq_rows(assets, tmp_path, monkeypatch, hurt):
+    """W16A4KV4 recipes deploy GPTQ weights, so the guard compares learned + GPTQ with the start + GPTQ (both rows
+    computed before the exports; eval.baselines off). GPTQ rewrites the weights in place: the fused model written
+    afterwards is the float one (exact), and when learning hurt under GPTQ it is the start's."""
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.job import RotationJob
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+
+    real = RotationJob._gptq_ppl
+
+    def judged(self, label, model, gq, clips):
+        value = real(self, label, model, gq, clips)
+        if "learned rotation" in label:  # pretend learning hurt (or helped) under GPTQ, whatever the W16 rows say
+            value = self.metrics["rows"][label] = value * (2 if hurt else 0.5)
+        return value
+
+    monkeypatch.setattr(RotationJob, "_gptq_ppl", judged)
+    out = tmp_path / "out"
+    assert run_main(assets, overrides_for(out, **W16A4KV4)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    learned, start = "W4A4KV4 GPTQ, learned rotation", "W4A4KV4 GPTQ, random Hadamard rotation"
+    assert m["guard"]["judged_on"] == learned and m["rows"][start] == m["ppl_gptq_start"]
+    start_matrices = make_matrices(prepare_model(AutoModelForCausalLM.from_pretrained(assets["model"]),
+                                                 "transformer_universal"), mode="hadamard", seed=0)
+    saved = load_file(out / "rotations.safetensors")
+    moved = max((saved[k].double() - start_matrices[k]).abs().max().item() for k in start_matrices)
+    if hurt:
+        assert m["guard"]["kept"] == "start" and m["guard"]["ppl_learned"] > m["guard"]["ppl_start"]
+        assert m["rows"][f"{learned} (guard: start kept)"] == m["ppl_gptq"] == m["ppl_gptq_start"]
+        assert m["ppl_quant_after"] == m["ppl_quant_before"] and learned not in m["rows"]
+        assert moved <= 1e-12
+    else:
+        assert m["guard"]["kept"] == "learned" and m["rows"][learned] == m["ppl_gptq"] <= m["ppl_gptq_start"]
+        assert moved > 1e-6
+    with torch.no_grad():
+        fused = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+        assert rel_err(fused(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
+
+
 def test_a_rerun_clears_the_previous_run_and_a_killed_one_leaves_no_mix(assets, tmp_path, monkeypatch):
     """overwrite_output_dir: a new run removes the previous run's outputs at its start (files it did not write
     stay); killed while exporting, it leaves its marker at 'failed' and none of the previous run's outputs."""
