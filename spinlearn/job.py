@@ -263,9 +263,9 @@ class RotationJob:
             self.profile_after = self._activation_profile(model)  # quantizers off, online Hadamards on
             if self.windows is None:
                 return
-            after = self._ppl(f"{self.quant.name} RTN, learned rotation", model)
+            after = self._ppl(self._rtn_learned_row, model)
         self.metrics["ppl_quant_after"] = after
-        judged = [f"{self.quant.name} RTN, learned rotation", after, self.metrics["ppl_quant_before"]]
+        judged = [self._rtn_learned_row, after, self.metrics["ppl_quant_before"]]
         if self.cfg.eval.guard and self.cfg.quant.w_method == "gptq" and not self.sharded:
             judged = self._gptq_rows(restore=True)
         label, after, before = judged
@@ -289,7 +289,7 @@ class RotationJob:
             self.metrics.pop(extra, None)
         self.metrics["guard"] = {"kept": "start", "judged_on": label, "ppl_learned": after, "ppl_start": before}
         rows = self.metrics["rows"]
-        learned_rows = {"ppl_quant_after": (f"{self.quant.name} RTN, learned rotation", "ppl_quant_before"),
+        learned_rows = {"ppl_quant_after": (self._rtn_learned_row, "ppl_quant_before"),
                         "ppl_gptq": (f"{self._gptq_settings()[1]} GPTQ, learned rotation", "ppl_gptq_start")}
         for key, (row, start_key) in learned_rows.items():
             if key in self.metrics:
@@ -515,6 +515,10 @@ class RotationJob:
             self.metrics["ppl_gptq_start"] = self._gptq_ppl(
                 f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation", model, gq, "none")
         return [label, self.metrics["ppl_gptq"], self.metrics.get("ppl_gptq_start")]
+
+    @property
+    def _rtn_learned_row(self) -> str:
+        return f"{self.quant.name} RTN, learned rotation"
 
     def _gptq_settings(self) -> tuple[QuantSettings, str]:
         """The GPTQ rows' quantizers (W16A4KV4 recipes: with the recipe's activations and K/V; else W4A16) and the
