@@ -108,8 +108,9 @@ def gap_columns(ok: list[dict], start: str, learned: str) -> list[str]:
 def table(results: dict, seeds: list[int]) -> str:
     gptq = any("ppl_gptq_start" in r for runs in results.values() for r in runs)
     extra = " random Hadamard + GPTQ | learned + GPTQ | GPTQ gap closed (%) |" if gptq else ""
-    lines = ["| cell | R3/R4 | float | random Hadamard | learned | gap closed (%) |" + extra + " guard kept start | runs |",
-             "|---|---|---|---|---|---|" + "---|" * (3 if gptq else 0) + "---|---|"]
+    head = "| cell | R3/R4 | float | random Hadamard | learned | gap closed (%) |"
+    rule = "|---|---|---|---|---|---|" + "---|" * (3 if gptq else 0) + "---|---|"
+    lines = [head + extra + " guard kept start | runs |", rule]
     for (cell, online), runs in results.items():
         ok = [r for r in runs if "error" not in r]
         cols = [mean_spread([r["ppl_float"] for r in ok]), *gap_columns(ok, "ppl_quant_before", "ppl_quant_after")]
