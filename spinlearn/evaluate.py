@@ -399,11 +399,9 @@ def evaluate_setting(
     run's model also gets the ones its recipe used (``run_online_settings``), and the activation clip ratios it
     learned (``activation_clips``: None = the run's recorded ones, a file's path, a table, or "none"), and likewise
     its learned weight clip ratios (``weight_clips``; recorded ones apply to RTN weights on the run's grid). w_method
-    "gptq" runs
-    ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then evaluates
-    with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
-    A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ.
-    """
+    "gptq" runs ``gptq_quantize_model`` on the rotated float model with ``calib_blocks`` [n, seqlen] and then
+    evaluates with weights left as GPTQ made them (the wrappers' weight quantizer off; activations/KV as ``quant``).
+    A model object (instead of a path) is modified in place: rotated, and quantized by GPTQ."""
     quant = quant or QuantSettings()
     _check_setting(rotation, w_method, rotations_file, calib_blocks)
     source = learned_source(model_path_or_model, rotations_file) if rotation == "learned" else None
