@@ -290,7 +290,7 @@ class RotationJob:
         self.metrics["guard"] = {"kept": "start", "judged_on": label, "ppl_learned": after, "ppl_start": before}
         rows = self.metrics["rows"]
         learned_rows = {"ppl_quant_after": (self._rtn_learned_row, "ppl_quant_before"),
-                        "ppl_gptq": (f"{self._gptq_settings()[1]} GPTQ, learned rotation", "ppl_gptq_start")}
+                        "ppl_gptq": (self._gptq_learned_row, "ppl_gptq_start")}
         for key, (row, start_key) in learned_rows.items():
             if key in self.metrics:
                 del rows[row]
@@ -501,7 +501,7 @@ class RotationJob:
         cfg = self.cfg
         gq, name = self._gptq_settings()
         backup = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()} if restore else None
-        label = f"{name} GPTQ, learned rotation"
+        label = self._gptq_learned_row
         self.metrics["ppl_gptq"] = self._gptq_ppl(label, self.model, gq, self.learned_clips or "none")
         if backup is not None:
             self.model.load_state_dict(backup)
@@ -519,6 +519,10 @@ class RotationJob:
     @property
     def _rtn_learned_row(self) -> str:
         return f"{self.quant.name} RTN, learned rotation"
+
+    @property
+    def _gptq_learned_row(self) -> str:
+        return f"{self._gptq_settings()[1]} GPTQ, learned rotation"
 
     def _gptq_settings(self) -> tuple[QuantSettings, str]:
         """The GPTQ rows' quantizers (W16A4KV4 recipes: with the recipe's activations and K/V; else W4A16) and the
