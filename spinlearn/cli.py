@@ -96,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data import calibration_blocks, eval_windows, load_text, tokenize_concat
-    from .evaluate import check_clips_file, evaluate_setting, learned_source
+    from .evaluate import check_clips_file, evaluate_setting, learned_source, run_dir_of
     from .artifacts import load_rotations
     from .loading import check_model_dir, check_seqlen, load_tokenizer, parse_dtype
     from .quant import QuantSettings
@@ -123,6 +123,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if args.rotations:
             load_rotations(args.rotations)  # a missing or corrupt file is named here
         learned_source(args.model, args.rotations)
+    elif args.rotation == "none" and run_dir_of(args.model) is not None:
+        print(f"spinlearn eval: note: {args.model} is a training run's model; --rotation none evaluates it as it is, "
+              "without the online Hadamards and clip ratios its run used; --rotation learned reproduces the run's "
+              "learned row", file=sys.stderr)
     quant = QuantSettings.from_flags(
         w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, lm_head_bits=args.lm_head_bits,
         w_groupsize=args.w_groupsize, w_clip=args.w_clip, a_clip=args.a_clip,

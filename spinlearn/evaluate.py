@@ -248,7 +248,7 @@ def learned_source(model_path_or_model, rotations_file: str | Path | None = None
     return "exported", recorded
 
 
-def _run_dir(model_dir: str | Path) -> Path | None:
+def run_dir_of(model_dir: str | Path) -> Path | None:
     """The training run a model directory belongs to (itself or its parent holds recipe.yaml and the rotations)."""
     d = Path(model_dir)
     for base in (d, d.parent):
@@ -271,7 +271,7 @@ def _run_recipe_section(model_dir, section: str) -> dict | None:
     """A section of the recipe.yaml of the run a model directory belongs to ({} when absent; None: not a run)."""
     from omegaconf import OmegaConf
 
-    base = _run_dir(model_dir)
+    base = run_dir_of(model_dir)
     if base is None:
         return None
     return OmegaConf.to_container(OmegaConf.load(base / RECIPE_FILE)).get(section) or {}
@@ -288,7 +288,7 @@ CLIP_KINDS = {  # kind -> (the run's file, the CLI flag, what must be quantized 
 def recorded_clips(model_dir: str | Path, kind: str) -> Path | None:
     """The learned clip ratios (``kind`` activation: ``quant.learn_a_clip`` / ``learn_kv_clip``; weight:
     ``quant.learn_w_clip``) of the run a model directory belongs to, if any."""
-    base = _run_dir(model_dir)
+    base = run_dir_of(model_dir)
     path = base / CLIP_KINDS[kind][0] if base is not None else None
     return path if path is not None and path.is_file() else None
 

@@ -206,6 +206,25 @@ def test_run_model_gets_the_weight_clips_its_run_learned_on_its_grid_only(env, t
     assert "weight clip ratios apply to round-to-nearest int weights" in capsys.readouterr().err
 
 
+def test_a_run_model_evaluated_as_it_is_says_what_it_leaves_out(env, tmp_path, capsys):
+    """`--rotation none` (the default) on a run's model/ evaluates it without its online Hadamards and clip ratios,
+    a different number from the run's learned row: the command says so, and names the flag that reproduces it."""
+    root, model = env
+    out = tmp_path / "out"
+    save_model(AutoModelForCausalLM.from_pretrained(model), out / "model")
+    save_file({"r1": torch.eye(64)}, out / "rotations.safetensors")
+    (out / "recipe.yaml").write_text("rotation: {r3: true, r4: true}\nquant: {w_bits: 4}\n")
+    capsys.readouterr()
+    as_is = eval_json(root, out / "model", "--a-bits", 4)
+    assert "without the online Hadamards and clip ratios its run used; --rotation learned" in capsys.readouterr().err
+    learned = eval_json(root, out / "model", "--a-bits", 4, "--rotation", "learned")
+    assert "note:" not in capsys.readouterr().err
+    assert learned["settings"]["r4"] and not as_is["settings"]["r4"]
+    assert learned["ppl"] != pytest.approx(as_is["ppl"], rel=1e-6)
+    eval_json(root, model, "--a-bits", 4)  # a plain model: nothing to say
+    assert "note:" not in capsys.readouterr().err
+
+
 def _corrupt_model(src: Path, dest: Path) -> Path:
     import shutil
 
