@@ -127,7 +127,7 @@ class QuantConfig:
     w_groupsize: int = -1  # -1 = per output channel
     w_sym: bool = True
     w_clip: bool = False  # MSE clip search for weights
-    learn_w_clip: bool = False  # learn a clip ratio per weight row (group); RTN weights, exported with the scales
+    learn_w_clip: bool = False  # learn a clip ratio per weight row (group) for RTN weights; RTN exports carry it
     w_clip_lr: float = 0.1  # Adam learning rate of the weight clip logits (learn_w_clip; 0.01 barely moves them, demo)
     a_sym: bool = False
     a_clip: float = 1.0  # clip ratio for activations
@@ -196,7 +196,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    baselines: bool = True  # also evaluate float, no-rotation and random-Hadamard models
+    baselines: bool = True  # also evaluate float, no-rotation, random-Hadamard and GPTQ (learned, start) models
     guard: bool = True  # keep the start matrices when the learned ones are worse on the evaluation split
     batch_size: int = 1
 
@@ -565,8 +565,9 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     positive("quant.w_clip_lr")
     need(not q.learn_kv_clip or q.kv_bits < 16, "quant.learn_kv_clip", "needs a quantized K/V cache (kv_bits < 16)")
     if q.learn_w_clip:
-        need(q.format == "int" and q.w_bits < 16 and q.w_method == "rtn", "quant.learn_w_clip",
-             "needs round-to-nearest quantized weights (w_bits < 16, w_method rtn) in the int format")
+        need(q.format == "int" and q.w_bits < 16, "quant.learn_w_clip",
+             "needs quantized weights (w_bits < 16) in the int format: training rounds them to nearest on the "
+             "learned grid (w_method gptq: GPTQ after training, with its MSE clip search)")
         need(not q.w_clip, "quant.learn_w_clip", "learns the clip ratio that quant.w_clip searches for: set one of "
              "them, not both")
     positive("quant.gptq.nsamples")

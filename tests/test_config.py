@@ -344,9 +344,9 @@ def test_resume_from_checkpoint_values(tmp_path: Path, value: str, expected):
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
-        (["quant.learn_w_clip=true", "quant.w_bits=16"], r"quant\.learn_w_clip: needs round-to-nearest quantized "
-                                                         r"weights \(w_bits < 16, w_method rtn\)"),
-        (["quant.learn_w_clip=true", "quant.w_method=gptq"], r"quant\.learn_w_clip: needs round-to-nearest"),
+        (["quant.learn_w_clip=true", "quant.w_bits=16"], r"quant\.learn_w_clip: needs quantized weights "
+                                                         r"\(w_bits < 16\) in the int format"),
+        (["quant.learn_w_clip=true", "quant.format=nvfp4"], r"quant\.learn_w_clip: needs quantized weights"),
         (["quant.learn_w_clip=true", "quant.w_clip=true"], r"quant\.learn_w_clip: learns the clip ratio that "
                                                            r"quant\.w_clip searches for"),
         (["quant.w_clip_lr=0"], r"quant\.w_clip_lr: must be > 0"),
@@ -356,6 +356,8 @@ def test_learned_weight_clip_settings_are_checked(tmp_path: Path, overrides, pat
     with pytest.raises(RecipeError, match=pattern):
         load_recipe(write(tmp_path, MINIMAL), overrides)
     assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true"]).quant.learn_w_clip is True
+    # Trained against round-to-nearest on the learned grid, deployed by GPTQ (with its own clip search).
+    assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true", "quant.w_method=gptq"]).quant.learn_w_clip
 
 
 def test_learned_kv_clip_needs_a_quantized_cache(tmp_path: Path):
