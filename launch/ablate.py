@@ -16,10 +16,11 @@ and reporting are off. The table gives, per cell, the mean and spread (sample st
 random-Hadamard perplexity (the run's start), the learned one (after the guard), and the share of the gap closed,
 (random Hadamard - learned) / (random Hadamard - float), computed per seed.
 
-``--weights gptq``: SpinQuant's W16A4KV4 mode (the rotations learned with 16-bit weights, GPTQ W4 after, with the
-MSE clip search of the W16A4KV4 recipes); the cells that learn weight clip ratios (an RTN setting) are left out, and
-the table adds the runs' W4A4KV4 GPTQ rows: the start matrices + GPTQ, the learned ones + GPTQ, and the gap closed
-between the first and float.
+Runs with the GPTQ rows (``eval.baselines: true``, as in the demo recipe) add them to the table: the start matrices +
+GPTQ, the learned ones + GPTQ (W4A4KV4: GPTQ weights, the recipe's activations and K/V), and the gap closed between
+the first and float. ``--weights gptq``: SpinQuant's W16A4KV4 mode (the rotations learned with 16-bit weights, GPTQ
+W4 after, with the MSE clip search of the W16A4KV4 recipes); the cells that learn weight clip ratios (an RTN
+setting) are left out.
 """
 
 from __future__ import annotations

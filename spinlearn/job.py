@@ -33,6 +33,7 @@ from .rotation_plan import make_matrices, prepare_model
 
 
 PROFILE_BLOCKS = 2  # calibration blocks for the activation outlier profile (before/after pictures)
+GUARD_KEPT_START = " (guard: start kept)"  # appended to a learned row's name when the guard kept the start
 
 
 def _log(msg: str, main: bool = True) -> None:
@@ -294,7 +295,7 @@ class RotationJob:
         for key, (row, start_key) in learned_rows.items():
             if key in self.metrics:
                 del rows[row]
-                rows[f"{row} (guard: start kept)"] = self.metrics[key] = self.metrics[start_key]
+                rows[row + GUARD_KEPT_START] = self.metrics[key] = self.metrics[start_key]
 
     def export(self) -> None:
         """Stage the fused model, the matrices, the recipe and every deployable export (main process), then the
@@ -478,9 +479,9 @@ class RotationJob:
             _log(f"export: {dest.name}/ (compressed-tensors)", self.main)
 
     def _gptq_row(self) -> None:
-        """W16A4KV4 recipes (w_method gptq): GPTQ with the recipe's activations/KV on the learned matrices and, with
-        eval.baselines, on the start matrices (the reference under GPTQ), unless the guard computed both already.
-        With baselines on and RTN weights: the W4A16 GPTQ row of the results table."""
+        """GPTQ with the recipe's activations/KV on the learned matrices (W16A4KV4 recipes, w_method gptq: always;
+        RTN recipes: with eval.baselines) and, with eval.baselines, on the start matrices (the reference under
+        GPTQ), unless the guard computed both already."""
         cfg = self.cfg
         if self.windows is None or not (cfg.quant.w_method == "gptq" or cfg.eval.baselines):
             return
@@ -490,10 +491,10 @@ class RotationJob:
                  "learned row are complete", self.main)
             return
         if "ppl_gptq" not in self.metrics:  # (the guard computed the W16A4KV4 recipes' rows already)
-            self._gptq_rows(restore=False, start=cfg.quant.w_method == "gptq" and cfg.eval.baselines)
+            self._gptq_rows(restore=False, start=cfg.eval.baselines)
 
     def _gptq_rows(self, *, restore: bool, start: bool = True) -> list:
-        """GPTQ on the learned matrices (W16A4KV4 recipes: with the recipe's activations/KV and learned clips) and,
+        """GPTQ on the learned matrices (with the recipe's activations/KV and learned activation clips) and,
         with ``start``, on the start matrices: the reference for what learning gave under GPTQ, SpinQuant's
         comparison. GPTQ rewrites the weights in place: ``restore`` brings the fused float model back afterwards
         (from a CPU copy); the start's row runs on the original weights loaded again. Returns [the learned row's
@@ -502,6 +503,8 @@ class RotationJob:
         gq, name = self._gptq_settings()
         backup = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()} if restore else None
         label = self._gptq_learned_row
+        if self.metrics.get("guard", {}).get("kept") == "start":  # (RTN recipes: the guard judged the RTN rows)
+            label += GUARD_KEPT_START
         self.metrics["ppl_gptq"] = self._gptq_ppl(label, self.model, gq, self.learned_clips or "none")
         if backup is not None:
             self.model.load_state_dict(backup)
@@ -525,9 +528,9 @@ class RotationJob:
         return f"{self._gptq_settings()[1]} GPTQ, learned rotation"
 
     def _gptq_settings(self) -> tuple[QuantSettings, str]:
-        """The GPTQ rows' quantizers (W16A4KV4 recipes: with the recipe's activations and K/V; else W4A16) and the
-        name their rows carry."""
-        gq = QuantSettings.for_gptq(self.cfg.quant, with_activations=self.cfg.quant.w_method == "gptq")
+        """The GPTQ rows' quantizers (GPTQ weights, the recipe's activations and K/V) and the name their rows
+        carry."""
+        gq = QuantSettings.for_gptq(self.cfg.quant)
         return gq, gq.name.removesuffix("KV16")
 
     def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips) -> float:

@@ -397,6 +397,13 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
             setattr(m, attr, value)
 
 
+def gptq_clip_search(q) -> bool:
+    """Whether GPTQ weights get the MSE clip search (``q``: a recipe's ``quant`` section): ``quant.w_clip``, or
+    ``quant.learn_w_clip``, whose learned ratios are round-to-nearest's scales and which GPTQ, rounding on its own
+    grid, replaces by the search (the stronger GPTQ: on the demo it lowers the random-Hadamard + GPTQ row)."""
+    return bool(q.w_clip or q.learn_w_clip)
+
+
 @dataclass
 class QuantSettings:
     """The four quantizers of one setting: weights, activations, K/V cache and lm_head's weights.
@@ -429,16 +436,15 @@ class QuantSettings:
         return cls.from_recipe(quant_section(**values))
 
     @classmethod
-    def for_gptq(cls, q, *, with_activations: bool) -> QuantSettings:
+    def for_gptq(cls, q) -> QuantSettings:
         """What GPTQ quantizes to after training: ``quant.gptq.w_bits`` (or ``quant.w_bits``, or 4 when training
-        kept 16-bit weights) with the recipe's symmetry, group size and MSE clip search; activations/KV as the
-        recipe says when ``with_activations`` (W16A4KV4 recipes), else none (the W4A16 row)."""
+        kept 16-bit weights) with the recipe's symmetry and group size, and the MSE clip search when
+        ``gptq_clip_search``; activations, K/V and lm_head as the recipe says (the GPTQ rows measure the setting
+        the recipe deploys)."""
         base = cls.from_recipe(q)
         bits = q.gptq.w_bits or (q.w_bits if q.w_bits < 16 else 4)
-        w = QuantSpec(bits=bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=q.w_clip)
-        if with_activations:
-            return cls(w=w, a=base.a, kv=base.kv, lm_head=base.lm_head)
-        return cls(w=w, lm_head=base.lm_head)
+        w = QuantSpec(bits=bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=gptq_clip_search(q))
+        return cls(w=w, a=base.a, kv=base.kv, lm_head=base.lm_head)
 
     @property
     def name(self) -> str:

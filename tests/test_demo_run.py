@@ -33,7 +33,10 @@ def test_demo_recipe_learned_beats_random_hadamard(demo_run):
                                           rows[f"{Q}, random Hadamard rotation"], rows[f"{Q}, learned rotation"])
     assert float_ppl < learned < hadamard < none
     assert none > 1.05 * hadamard  # the demo model really has the outliers rotations fix
-    assert rows["W4A16 GPTQ, learned rotation"] < learned
+    gptq_learned, gptq_start = rows["W4A4KV4 GPTQ, learned rotation"], rows["W4A4KV4 GPTQ, random Hadamard rotation"]
+    assert float_ppl < gptq_start < hadamard  # GPTQ beats round-to-nearest on the same (start) rotation
+    assert float_ppl < gptq_learned < hadamard  # and the learned rotation keeps its gain under GPTQ
+    assert metrics["ppl_gptq"] == gptq_learned and metrics["ppl_gptq_start"] == gptq_start
     assert (out / "results.md").read_text().count("|") > 10
     assert (out / "model" / "config.json").is_file() and (out / "rotations.safetensors").is_file()
 

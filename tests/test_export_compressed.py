@@ -195,3 +195,23 @@ def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, t
     assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid)[0] is None
     assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "rtn", recipe_grid)[0] is clips
     assert carried_weight_clips(clips, resolve_scheme("float"), "rtn", recipe_grid) == (None, None)
+
+
+@pytest.mark.parametrize(("w_method", "mse_clip"), [("gptq", True), ("rtn", False)])
+def test_a_recipe_that_learns_weight_clips_exports_gptq_with_the_clip_search(tiny, tmp_path, monkeypatch, w_method,
+                                                                            mse_clip):
+    """A recipe with quant.learn_w_clip (and no quant.w_clip) exports GPTQ weights with the MSE clip search, as the
+    job's GPTQ rows measure them (quant.gptq_clip_search); its RTN exports keep round-to-nearest's plain scales."""
+    import spinlearn.export.api as api
+    from spinlearn.config import load_recipe
+
+    recipe = load_recipe(DEMO.parents[2] / "recipes" / "demo.yaml", [f"output_dir={tmp_path / 'run'}"])
+    assert recipe.quant.learn_w_clip and not recipe.quant.w_clip
+    seen = []
+    real = api.resolve_scheme
+    monkeypatch.setattr(api, "resolve_scheme", lambda *a, **kw: seen.append(kw["w_clip"]) or real(*a, **kw))
+    model, online = tiny
+    blocks = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    export_model(model, tmp_path / "out", scheme="w4a16", online=online, recipe=recipe, w_method=w_method,
+                 group_size=-1, calib_blocks=blocks, progress=False)
+    assert seen == [mse_clip]

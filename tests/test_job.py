@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from spinlearn.config import load_recipe
 from spinlearn.data import load_text, tokenize_concat
+from spinlearn.job import GUARD_KEPT_START
 from spinlearn.loading import load_tokenizer
 from spinlearn.optim import max_orthogonality_error
 from helpers import save_remote_code_model_dir, save_tiny_model_dir
@@ -204,9 +205,12 @@ def test_guard_keeps_the_start_when_learning_made_it_worse(assets, tmp_path, mon
 
     monkeypatch.setattr(RotationJob, "_ppl", worse)
     out = tmp_path / "out"
-    assert run_main(assets, overrides_for(out, **{"eval.guard": "true", "eval.baselines": "false"})) == 0
+    assert run_main(assets, overrides_for(out, **{"eval.guard": "true", "eval.baselines": "true"})) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["guard"]["kept"] == "start" and metrics["ppl_quant_after"] == metrics["ppl_quant_before"]
+    # The GPTQ rows come after the verdict: the learned one is GPTQ on the start matrices too, and says so.
+    gptq_row = "W4A4KV4 GPTQ, learned rotation" + GUARD_KEPT_START
+    assert metrics["rows"][gptq_row] == metrics["ppl_gptq"] == pytest.approx(metrics["ppl_gptq_start"], rel=1e-4)
     start = make_matrices(prepare_model(AutoModelForCausalLM.from_pretrained(assets["model"]), "transformer_universal"),
                           mode="hadamard", seed=0)
     saved = load_file(out / "rotations.safetensors")
@@ -250,7 +254,7 @@ def test_the_guard_judges_w16a4kv4_recipes_by_their_gptq_rows(assets, tmp_path, 
     moved = max((saved[k].double() - start_matrices[k]).abs().max().item() for k in start_matrices)
     if hurt:
         assert m["guard"]["kept"] == "start" and m["guard"]["ppl_learned"] > m["guard"]["ppl_start"]
-        assert m["rows"][f"{learned} (guard: start kept)"] == m["ppl_gptq"] == m["ppl_gptq_start"]
+        assert m["rows"][learned + GUARD_KEPT_START] == m["ppl_gptq"] == m["ppl_gptq_start"]
         assert m["ppl_quant_after"] == m["ppl_quant_before"] and learned not in m["rows"]
         assert moved <= 1e-12
     else:
@@ -562,36 +566,45 @@ def test_two_process_ddp_ranks_agree_and_match_one_process_with_the_same_global_
     assert moved > 1e-3 and moved > 30 * diff
 
 
-def test_the_jobs_gptq_keeps_the_recipes_mse_clip_search(assets, tmp_path, monkeypatch):
-    """W16A4KV4 recipes (quant.w_method gptq, quant.w_clip true): the job's GPTQ gets the clip search, 4-bit weights
-    and the recipe's activations/KV, from the same mapping `spinlearn eval` uses (QuantSettings)."""
+@pytest.mark.parametrize(("overrides", "mse_clip"), [
+    ({"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4}, True),
+    ({"quant.learn_w_clip": "true"}, True),  # RTN's learned ratios: GPTQ searches its own clip instead
+    ({}, False),
+], ids=["w16a4kv4-w_clip", "rtn-learn_w_clip", "rtn"])
+def test_the_jobs_gptq_gets_the_recipes_mse_clip_search(assets, tmp_path, monkeypatch, overrides, mse_clip):
+    """The job's GPTQ rows get 4-bit weights with the clip search where the recipe asks for one (quant.w_clip) or
+    learns weight clip ratios GPTQ cannot use (quant.learn_w_clip), and the recipe's activations/KV, from the same
+    mapping `spinlearn eval` uses (QuantSettings)."""
     import spinlearn.evaluate as evaluate_mod
 
     seen = []
     monkeypatch.setattr(evaluate_mod, "evaluate_setting",
                         lambda model, windows, **kw: seen.append(kw) or {"ppl": 1.0, "settings": {}})
     out = tmp_path / "out"
-    overrides = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4,
-                 "train.max_steps": 1}
+    overrides = {**overrides, "train.max_steps": 1, "eval.baselines": "true", "export.schemes": "[]"}
     assert run_main(assets, overrides_for(out, **overrides)) == 0
     calls = [k for k in seen if k.get("w_method") == "gptq"]
     assert len(calls) == 2  # the learned matrices, then the start (eval.baselines)
     for kw in calls:
         q = kw["quant"]
-        assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, True, 4, 4)
+        assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, mse_clip, 4, 4)
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert {"W4A4KV4 GPTQ, learned rotation", "W4A4KV4 GPTQ, random Hadamard rotation"} <= set(rows)
 
 
-def test_the_gptq_start_row_is_gptq_on_the_start_matrices(assets, tmp_path):
-    """W16A4KV4 recipes with eval.baselines: the start matrices + GPTQ row, the reference for what learning gave
-    under GPTQ. With a learning rate too small to move anything, it equals the learned + GPTQ row; both are real
-    GPTQ results (not the W16 rows)."""
+@pytest.mark.parametrize("weights", ["w16_then_gptq", "rtn"])
+def test_the_gptq_start_row_is_gptq_on_the_start_matrices(assets, tmp_path, weights):
+    """Recipes with eval.baselines (W16A4KV4 + GPTQ, and W4A4KV4 RTN ones): the start matrices + GPTQ row, the
+    reference for what learning gave under GPTQ, with the recipe's activations and K/V quantized. With a learning
+    rate too small to move anything, it equals the learned + GPTQ row; both are real GPTQ results (not the
+    recipe's own W16 or RTN rows)."""
     out = tmp_path / "out"
-    overrides = {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.gptq.w_bits": 4, "train.max_steps": 1,
-                 "train.learning_rate": 1e-12, "export.schemes": "[]", "eval.baselines": "true"}
+    overrides = {"train.max_steps": 1, "train.learning_rate": 1e-12, "export.schemes": "[]", "eval.baselines": "true"}
+    if weights == "w16_then_gptq":
+        overrides |= {"quant.w_bits": 16, "quant.w_method": "gptq", "quant.gptq.w_bits": 4}
     assert run_main(assets, overrides_for(out, **overrides)) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["ppl_gptq_start"] == m["rows"]["W4A4KV4 GPTQ, random Hadamard rotation"]
+    assert m["ppl_gptq"] == m["rows"]["W4A4KV4 GPTQ, learned rotation"]
     assert abs(m["ppl_gptq_start"] - m["ppl_gptq"]) <= 1e-5 * m["ppl_gptq"]
-    assert abs(m["ppl_gptq_start"] - m["ppl_quant_before"]) > 1e-3 * m["ppl_gptq"]  # W4 GPTQ is not the W16 row
+    assert abs(m["ppl_gptq_start"] - m["ppl_quant_before"]) > 1e-4 * m["ppl_gptq"]  # GPTQ is not the recipe's row

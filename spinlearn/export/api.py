@@ -65,10 +65,12 @@ def check_export_inputs(scheme: ExportScheme, w_method: str, calib_blocks: Tenso
 def _recipe_settings(recipe) -> dict:
     """What a resolved recipe says about an export: defaults for the keyword arguments of ``export_model``."""
     from ..config import recipe_to_yaml
+    from ..quant import gptq_clip_search
 
     g = recipe.quant.gptq
     return {"w_method": recipe.export.w_method or recipe.quant.w_method, "group_size": recipe.export.group_size,
-            "w_clip": bool(recipe.quant.w_clip), "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
+            "w_clip": bool(recipe.quant.w_clip), "gptq_w_clip": gptq_clip_search(recipe.quant),
+            "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
             "w_grid": (recipe.quant.w_bits, recipe.quant.w_sym, recipe.quant.w_groupsize),
             "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
             "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
@@ -97,7 +99,8 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
 
     ``online``: names of the linears that get an online input Hadamard (``spinlearn.online.online_linears``);
     their weights must not hold ``W H`` yet. ``recipe`` (a resolved recipe, at the end of a run) supplies the
-    defaults: ``export.w_method`` / ``quant.w_method``, ``export.group_size``, ``quant.w_clip``, the GPTQ settings
+    defaults: ``export.w_method`` / ``quant.w_method``, ``export.group_size``, ``quant.w_clip`` (GPTQ:
+    ``spinlearn.quant.gptq_clip_search``, as the job's GPTQ rows), the GPTQ settings
     and ``quant.gptq.nsamples`` calibration windows; with it, schemes GPTQ does not apply to (nvfp4, float) use RTN.
     ``run_metrics`` (the run's metrics dict) gives the model card its results table. ``weight_clips`` (a run's
     learned weight clip ratios, ``weight_clips.safetensors``) set the RTN weight scales when the export quantizes
@@ -107,7 +110,7 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     w_method = export_w_method(scheme, w_method, recipe)
     if group_size is None and scheme in GROUPED_SCHEMES:  # the recipe's group size is for the int4 schemes
         group_size = rs.get("group_size")
-    w_clip = rs.get("w_clip", False) if w_clip is None else w_clip
+    w_clip = rs.get("gptq_w_clip" if w_method == "gptq" else "w_clip", False) if w_clip is None else w_clip
     gptq_kwargs = gptq_kwargs or rs.get("gptq_kwargs")
     if calib_blocks is not None and "nsamples" in rs:
         calib_blocks = calib_blocks[: rs["nsamples"]]
