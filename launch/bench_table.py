@@ -1,6 +1,8 @@
 """Print the rotation results table for any model and data: float, RTN without rotation, random Hadamard,
-learned (from a train_rotations.py output) and W4A16 GPTQ after learned rotations. The learned model applies the
-online Hadamards its config records; pass --r3/--r4 so that the random-Hadamard row uses the same ones.
+learned (from a train_rotations.py output), and with --calib-data the GPTQ rows (GPTQ weights with the MSE clip
+search, the activations and K/V as the RTN rows) on the learned and on the random-Hadamard rotation. The learned
+model applies the online Hadamards (and clip ratios) its run records; pass --r3/--r4 so that the random-Hadamard
+rows use the same ones.
 
     python launch/bench_table.py --model spinlearn/demo/model --data spinlearn/demo/data/test.txt \
         --calib-data spinlearn/demo/data/train.txt --learned runs/demo [--seqlen 256] [--max-windows 64] [--r3 --r4]
@@ -65,13 +67,15 @@ def main(argv=None) -> int:
     online = "+R3" * args.r3 + "+R4" * args.r4
     row(f"{qname} RTN, random Hadamard rotation{' (R1+R2' + online + ')' if online else ''}", args.model,
         rotation="hadamard", quant=q, r3=args.r3, r4=args.r4)
+    gq = QuantSettings.from_flags(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, w_clip=True)
+    gptq = {"quant": gq, "w_method": "gptq", "calib_blocks": calib}
     if args.learned:
         learned_model = str(Path(args.learned) / "model")
         row(f"{qname} RTN, learned rotation", learned_model, rotation="learned", quant=q)
         if calib is not None:
-            a16 = QuantSettings.from_flags(w_bits=args.w_bits)
-            row(f"W{args.w_bits}A16 GPTQ, learned rotation", learned_model, rotation="learned", quant=a16,
-                w_method="gptq", calib_blocks=calib)
+            row(f"{qname} GPTQ, learned rotation", learned_model, rotation="learned", **gptq)
+    if calib is not None:
+        row(f"{qname} GPTQ, random Hadamard rotation", args.model, rotation="hadamard", r3=args.r3, r4=args.r4, **gptq)
     table = format_table({"model": args.model, "rows": rows})
     print(table)
     if args.out:
