@@ -201,7 +201,8 @@ def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, t
 def test_a_recipe_that_learns_weight_clips_exports_gptq_with_the_clip_search(tiny, tmp_path, monkeypatch, w_method,
                                                                             mse_clip):
     """A recipe with quant.learn_w_clip (and no quant.w_clip) exports GPTQ weights with the MSE clip search, as the
-    job's GPTQ rows measure them (spinlearn.quant.gptq_clip_search); its RTN exports keep round-to-nearest's plain scales."""
+    job's GPTQ rows measure them (spinlearn.quant.gptq_clip_search); its RTN exports keep round-to-nearest's plain
+    scales."""
     import spinlearn.export.api as api
     from spinlearn.config import load_recipe
 
