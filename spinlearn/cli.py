@@ -114,7 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.activation_clips not in (None, "none"):
         check_clips_file(args.activation_clips, "activation", args.a_bits < 16 or args.kv_bits < 16)
     if args.weight_clips not in (None, "none"):
-        check_clips_file(args.weight_clips, "weight", args.w_bits < 16 and args.w_method == "rtn" and not args.w_clip)
+        check_clips_file(args.weight_clips, "weight", args.w_bits < 16 and (args.w_method == "gptq" or not args.w_clip))
     parse_dtype(args.dtype)
     if args.tasks and not _lm_eval_available():
         raise ImportError("--tasks needs the lm-eval harness: pip install 'spinlearn[eval]'")
@@ -269,9 +269,9 @@ def _add_eval_parser(sub) -> None:
                    help="activation clip ratios (a run's activation_clips.safetensors) to apply; a run's model/ gets "
                    "the ones its run learned by default, 'none' turns that off")
     e.add_argument("--weight-clips", default=None, metavar="FILE|none",
-                   help="weight clip ratios (a run's weight_clips.safetensors) for RTN weights; a run's model/ gets "
-                   "the ones its run learned by default when --w-bits/--w-groupsize match its recipe, 'none' turns "
-                   "that off")
+                   help="weight clip ratios (a run's weight_clips.safetensors): RTN's weight scales, or with "
+                   "--w-method gptq the grid GPTQ rounds on (instead of its clip search); a run's model/ gets the "
+                   "ones its run learned by default when --w-bits/--w-groupsize match its recipe, 'none' turns that off")
     e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")

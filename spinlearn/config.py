@@ -117,6 +117,7 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     w_bits: Optional[int] = None  # null = quant.w_bits
+    learned_grid: bool = True  # with quant.learn_w_clip: GPTQ rounds on the learned clip ratios' grid (else MSE search)
 
 
 @dataclass
@@ -567,7 +568,7 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
     if q.learn_w_clip:
         need(q.format == "int" and q.w_bits < 16, "quant.learn_w_clip",
              "needs quantized weights (w_bits < 16) in the int format: training rounds them to nearest on the "
-             "learned grid (w_method gptq: GPTQ after training, with its MSE clip search)")
+             "learned grid (w_method gptq: GPTQ after training, rounding on that grid, quant.gptq.learned_grid)")
         need(not q.w_clip, "quant.learn_w_clip", "learns the clip ratio that quant.w_clip searches for: set one of "
              "them, not both")
     positive("quant.gptq.nsamples")

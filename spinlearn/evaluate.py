@@ -280,8 +280,8 @@ def _run_recipe_section(model_dir, section: str) -> dict | None:
 CLIP_KINDS = {  # kind -> (the run's file, the CLI flag, what must be quantized for the ratios to act)
     "activation": (ACTIVATION_CLIPS_FILE, "--activation-clips", "quantized activations or K/V; pass --a-bits 4 or "
                    "--kv-bits 4 (or another width below 16)"),
-    "weight": (WEIGHT_CLIPS_FILE, "--weight-clips", "round-to-nearest int weights; pass --w-bits 4 (or another width "
-               "below 16) with --w-method rtn"),
+    "weight": (WEIGHT_CLIPS_FILE, "--weight-clips", "int weights, round-to-nearest (without --w-clip) or GPTQ's grid; "
+               "pass --w-bits 4 (or another width below 16)"),
 }
 
 
@@ -325,15 +325,18 @@ def _clips(given, kind: str, path, is_run_model: bool, applies: bool, recorded_a
 
 
 def _eval_clips(activation_clips, weight_clips, path, run_model: bool, quant: QuantSettings, w_method: str):
-    """(activation clip table, weight clip table) an evaluation applies (see ``_clips``): weight ratios act on RTN int
-    weights, and a run's recorded ones only on the grid (bits, symmetry, group size) its recipe learned them for."""
+    """(activation clip table, weight clip table) an evaluation applies (see ``_clips``): weight ratios act on int
+    weights, by round-to-nearest (without the MSE search) or as GPTQ's grid, and a run's recorded ones only on the
+    grid (bits, symmetry, group size) its recipe learned them for (GPTQ: with its ``quant.gptq.learned_grid``)."""
     clips = _clips(activation_clips, "activation", path, run_model, quant.a.enabled or quant.kv.enabled)
     if clips:  # a linear input's ratio acts with quantized activations, a K/V one with a quantized cache
         clips = {n: r for n, r in clips.items() if (quant.kv.enabled if f".{KV_ATTR}." in n else quant.a.enabled)}
     w = quant.w
-    rtn_int = w_method == "rtn" and w.enabled and w.format == "int" and not w.mse_clip
-    w_clips = _clips(weight_clips, "weight", path, run_model, rtn_int,
-                     run_model and _run_weight_grid(path) == (w.bits, w.sym, w.group_size))
+    applies = w.enabled and w.format == "int" and (w_method == "gptq" or not w.mse_clip)
+    recorded = run_model and _run_weight_grid(path) == (w.bits, w.sym, w.group_size)
+    if recorded and w_method == "gptq":
+        recorded = (_run_recipe_section(path, "quant") or {}).get("gptq", {}).get("learned_grid", True)
+    w_clips = _clips(weight_clips, "weight", path, run_model, applies, recorded)
     return clips, w_clips
 
 
@@ -420,11 +423,12 @@ def evaluate_setting(
     fold_online(model, names)  # the weight half; the online half is installed with the quantizers
     settings.update(r3=use_r3, r4=use_r4, online=len(names), online_recorded=sorted(k for k, v in recorded.items() if v))
     eval_quant = quant
-    if w_method == "gptq":
-        eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
-                                   progress=progress, settings=settings)
-    clips, w_clips = _eval_clips(activation_clips, weight_clips, path, bool(is_run_model), eval_quant, w_method)
+    clips, w_clips = _eval_clips(activation_clips, weight_clips, path, bool(is_run_model), quant, w_method)
     settings["activation_clips"], settings["weight_clips"] = len(clips or ()), len(w_clips or ())
+    if w_method == "gptq":  # the learned weight clips set GPTQ's grid; the weights then stay as GPTQ made them
+        eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
+                                   progress=progress, settings=settings, weight_clips=w_clips)
+        w_clips = None
     handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
     zero = None
     try:
@@ -477,19 +481,24 @@ def _apply_rotation(model: nn.Module, rotation: str, source, layout: str, seed: 
 
 
 def _gptq_weights(model: nn.Module, quant: QuantSettings, calib_blocks, gptq_kwargs, *, r3: bool, online,
-                  progress: bool, settings: dict) -> QuantSettings:
-    """GPTQ on the rotated float model (online Hadamards installed, activations float); returns the settings to
-    evaluate with: weights left as GPTQ made them, activations/KV as ``quant``."""
-    from .gptq import gptq_quantize_model
+                  progress: bool, settings: dict, weight_clips: dict | None = None) -> QuantSettings:
+    """GPTQ on the rotated float model (online Hadamards installed, activations float), on the grid of the learned
+    ``weight_clips`` (weight name -> ratios) where given; returns the settings to evaluate with: weights left as
+    GPTQ made them, activations/KV as ``quant``."""
+    from .gptq import gptq_linears, gptq_quantize_model
 
     kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
+    linears = gptq_linears(model)
+    grids = {n.removesuffix(".weight"): r for n, r in (weight_clips or {}).items()
+             if n.removesuffix(".weight") in linears}  # (3-D expert tensors: RTN below, without them)
     hooks = wrap_model(model, quant=QuantSettings(), r3=r3, online=online, online_in_weights=False)
     try:
-        errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, **kw)
+        errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, clips=grids, **kw)
     finally:
         hooks.remove()
     settings["gptq"] = {**kw, "nsamples": int(calib_blocks.shape[0]), "seqlen": int(calib_blocks.shape[1]),
-                        "layers_quantized": len(errors), "rtn_fallback": _rtn_bare_weights(model, quant.w)}
+                        "layers_quantized": len(errors), "learned_grid": len(grids),
+                        "rtn_fallback": _rtn_bare_weights(model, quant.w)}
     return QuantSettings(w=QuantSpec(bits=16), a=quant.a, kv=quant.kv, lm_head=quant.lm_head)
 
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant
+from spinlearn.online import ROUTER_GLOBS
+from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant, weight_qparams
 
 __all__ = ["HessianAccumulator", "gptq_quantize_weight", "gptq_quantize_model"]
 
@@ -101,6 +102,7 @@ def gptq_quantize_weight(
     act_order: bool = False,
     static_groups: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    clip: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; returns (dequantized weight, stats).
 
@@ -115,21 +117,30 @@ def gptq_quantize_weight(
     [out, in / group] per contiguous group of original columns ([out, 1] per channel), so that the result is
     ``scale * (q - zero)`` with integer q (an export stores q and these); None when act_order without
     static_groups makes the groups non-contiguous.
+
+    ``clip`` [out, in / group] (one column per channel): fixed clip ratios per row and group, learned weight
+    clipping's. The grid is then the one round-to-nearest with those ratios uses (``quant.weight_qparams`` of the
+    original weight, taken up front as with static_groups; the spec's MSE search does not run), and GPTQ only
+    chooses the integers on it.
     """
     _check_gptq_inputs(weight, hessian, spec, block_size, percdamp, static_groups)
     if not spec.enabled:
         return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0, "scale": None, "zero": None}
     n_in, group = weight.shape[1], spec.group_size
     qmin, qmax = qrange(spec.bits, spec.sym)
-    clip, mse = float(spec.clip_ratio), spec.mse_clip
+    ratio, mse = float(spec.clip_ratio), spec.mse_clip
 
     def params(cols: Tensor) -> tuple[Tensor, Tensor]:
-        return find_qparams(cols, spec.bits, spec.sym, clip, mse)
+        return find_qparams(cols, spec.bits, spec.sym, ratio, mse)
 
     w, h, dead = _without_dead_columns(weight, hessian, compute_dtype)
 
-    scale, zero = params(w) if group <= 0 else (None, None)
-    static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)] if static_groups else []
+    if clip is not None:
+        scale, zero, static_params = _fixed_grid(weight, spec, clip, w.dtype)
+        static_groups = group > 0
+    else:
+        scale, zero = params(w) if group <= 0 else (None, None)
+        static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)] if static_groups else []
     group_params: list[tuple[Tensor, Tensor]] = []
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
@@ -195,6 +206,17 @@ def _check_gptq_inputs(weight: Tensor, hessian: Tensor, spec: QuantSpec, block_s
         raise ValueError("GPTQ: the Hessian contains NaN or inf (check the calibration inputs)")
 
 
+def _fixed_grid(weight: Tensor, spec: QuantSpec, clip: Tensor, dtype: torch.dtype):
+    """(scale, zero, static group params) of round-to-nearest's grid with per-row (group) clip ratios ``clip``."""
+    if spec.format != "int":
+        raise ValueError(f"GPTQ with fixed clip ratios needs int weights (format {spec.format!r})")
+    grid = QuantSpec(bits=spec.bits, sym=spec.sym, group_size=spec.group_size, format=spec.format)
+    scale, zero = (t.to(dtype) for t in weight_qparams(weight.detach(), grid, clip))  # checks clip's shape
+    if spec.group_size <= 0:
+        return scale, zero, []
+    return None, None, [(scale[:, k : k + 1], zero[:, k : k + 1]) for k in range(scale.shape[1])]
+
+
 def _without_dead_columns(weight: Tensor, hessian: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Working copies of W and H. A column whose input is always zero has no influence: it is zeroed and H gets
     a unit diagonal there. Returns (w, h, dead column mask)."""
@@ -232,6 +254,8 @@ def _current_columns(
 
 
 # ------------------------------------------------------------------------------------------------ whole model
+GPTQ_SKIP = ("lm_head", *ROUTER_GLOBS)  # linears GPTQ leaves alone by default (MoE routers stay float)
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the inputs of interest are captured."""
 
@@ -293,7 +317,7 @@ def _call_groups(layer: nn.Module, linears: dict[str, nn.Linear], run) -> list[l
 
 def _quantize_group(
     names: list[str], linears: dict[str, nn.Linear], run, spec: QuantSpec, stats: dict[str, float], gptq_kw: dict,
-    qparams: dict | None = None,
+    qparams: dict | None = None, clips: dict[str, Tensor] | None = None,
 ) -> None:
     accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
     handles = [linears[n].register_forward_hook(accs[n].forward_hook) for n in names]
@@ -304,7 +328,7 @@ def _quantize_group(
             h.remove()
     for n in names:
         w = linears[n].weight
-        q, st = gptq_quantize_weight(w.detach(), accs[n].hessian, spec, **gptq_kw)
+        q, st = gptq_quantize_weight(w.detach(), accs[n].hessian, spec, clip=(clips or {}).get(n), **gptq_kw)
         w.data.copy_(q)
         stats[n] = st["error"]
         if qparams is not None:
@@ -317,13 +341,14 @@ def gptq_quantize_model(
     calib_blocks: Tensor | None,
     spec: QuantSpec,
     *,
-    skip: Sequence[str] = ("lm_head", "*mlp.gate", "*router*"),
+    skip: Sequence[str] = GPTQ_SKIP,
     percdamp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
     static_groups: bool = False,
     progress: bool = True,
     qparams: dict | None = None,
+    clips: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """GPTQ-quantize every nn.Linear of ``model`` in place (weights become dequantized grid values).
 
@@ -340,13 +365,20 @@ def gptq_quantize_model(
     ``calib_blocks`` is a LongTensor [n, seqlen] of token ids, run one window at a time.
     Returns {linear name: GPTQ's estimate of the added loss}. A dict passed as ``qparams`` receives
     {linear name: (scale, zero)} of each result's grid (see ``gptq_quantize_weight``'s "scale").
+    ``clips`` {linear name: clip ratios [out, in / group]} (learned weight clipping's) fixes those linears' grids
+    to round-to-nearest's with these ratios (``gptq_quantize_weight``'s ``clip``); every name must be a linear
+    this call quantizes.
     """
     _check_calib_blocks(calib_blocks)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
+    linears = gptq_linears(model, skip)
     if not linears:
         raise ValueError(f"gptq_quantize_model: no nn.Linear left to quantize (skip={tuple(skip)})")
     for n, m in linears.items():
         _check_unwrapped(n, m)
+    unknown = sorted(set(clips or {}) - set(linears))
+    if unknown:
+        raise ValueError(f"gptq_quantize_model: clip ratios for {unknown[0]!r}, which is not a linear GPTQ quantizes "
+                         f"here ({len(unknown)} such names; skip={tuple(skip)}); name the nn.Linear modules")
     gptq_kw = dict(percdamp=percdamp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     device = next(model.parameters()).device
     blocks = calib_blocks.to(device)
@@ -356,7 +388,7 @@ def gptq_quantize_model(
     found = _decoder_layers(model)
     done: set[str] = set()
     if found is not None:
-        done = _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress)
+        done = _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress, clips or {})
     rest = {n: m for n, m in linears.items() if n not in done}
     if rest:
 
@@ -364,9 +396,14 @@ def gptq_quantize_model(
             for b in blocks:
                 model(input_ids=b.unsqueeze(0), use_cache=False)
 
-        _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw, qparams)
+        _quantize_group(list(rest), rest, run_model, spec, stats, gptq_kw, qparams, clips)
     model.train(was_training)
     return stats
+
+
+def gptq_linears(model: nn.Module, skip: Sequence[str] = GPTQ_SKIP) -> dict[str, nn.Linear]:
+    """The nn.Linear modules ``gptq_quantize_model(model, ..., skip=skip)`` quantizes, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
 
 
 def _check_calib_blocks(calib_blocks: Tensor | None) -> None:
@@ -382,7 +419,7 @@ def _check_calib_blocks(calib_blocks: Tensor | None) -> None:
         )
 
 
-def _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress) -> set[str]:
+def _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparams, progress, clips) -> set[str]:
     """The decoder layers in order, each on the inputs the already-quantized layers before it produce; inside a
     layer the linears sharing one input together. Returns the names of the linears done."""
     prefix, layers = found
@@ -400,7 +437,8 @@ def _quantize_layers(model, found, linears, blocks, spec, gptq_kw, stats, qparam
         for group in _call_groups(layer, lin, lambda call=call: call(inputs[0])):
             local: dict[str, float] = {}
             local_q: dict | None = {} if qparams is not None else None
-            _quantize_group(group, lin, run, spec, local, gptq_kw, local_q)
+            local_clips = {n: clips[f"{prefix}.{i}.{n}"] for n in group if f"{prefix}.{i}.{n}" in clips}
+            _quantize_group(group, lin, run, spec, local, gptq_kw, local_q, local_clips)
             stats.update({f"{prefix}.{i}.{n}": e for n, e in local.items()})
             if qparams is not None:
                 qparams.update({f"{prefix}.{i}.{n}": v for n, v in local_q.items()})

@@ -27,7 +27,7 @@ from .choices import ROTATION_MODE_LABELS
 from .fakequant import check_online_hadamards, rotations_attached, wrap_model
 from .fusion import fold_rotations
 from .scales_fold import fold_scales
-from .quant import QuantSettings
+from .quant import QuantSettings, gptq_learned_grid
 from .report import format_table
 from .rotation_plan import make_matrices, prepare_model
 
@@ -505,7 +505,8 @@ class RotationJob:
         label = self._gptq_learned_row
         if self.metrics.get("guard", {}).get("kept") == "start":  # (RTN recipes: the guard judged the RTN rows)
             label += GUARD_KEPT_START
-        self.metrics["ppl_gptq"] = self._gptq_ppl(label, self.model, gq, self.learned_clips or "none")
+        grid = self.learned_w_clips if gptq_learned_grid(cfg.quant, gq.w) else None
+        self.metrics["ppl_gptq"] = self._gptq_ppl(label, self.model, gq, self.learned_clips or "none", grid or "none")
         if backup is not None:
             self.model.load_state_dict(backup)
             del backup
@@ -516,7 +517,7 @@ class RotationJob:
             plan = prepare_model(model, cfg.rotation.layout)
             fold_rotations(plan.placements, self.start, plan.layout.use_float64, device=self.state.device)
             self.metrics["ppl_gptq_start"] = self._gptq_ppl(
-                f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation", model, gq, "none")
+                f"{name} GPTQ, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation", model, gq, "none", "none")
         return [label, self.metrics["ppl_gptq"], self.metrics.get("ppl_gptq_start")]
 
     @property
@@ -533,8 +534,9 @@ class RotationJob:
         gq = QuantSettings.for_gptq(self.cfg.quant)
         return gq, gq.name.removesuffix("KV16")
 
-    def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips) -> float:
-        """GPTQ (the recipe's quant.gptq settings) on ``model``'s float weights, in place; its row of the table."""
+    def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips, weight_clips) -> float:
+        """GPTQ (the recipe's quant.gptq settings; on the grid of ``weight_clips`` where given) on ``model``'s float
+        weights, in place; its row of the table."""
         from .evaluate import evaluate_setting
 
         cfg = self.cfg
@@ -543,7 +545,7 @@ class RotationJob:
             model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
             gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
             r3=cfg.rotation.r3, online=self.online, batch_size=cfg.eval.batch_size, progress=self.main,
-            activation_clips=activation_clips,
+            activation_clips=activation_clips, weight_clips=weight_clips,
         )
         self.metrics["rows"][label] = res["ppl"]
         _log(f"{label}: perplexity {res['ppl']:.3f}", self.main)

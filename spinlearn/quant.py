@@ -399,9 +399,19 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
 
 def gptq_clip_search(q) -> bool:
     """Whether GPTQ weights get the MSE clip search (``q``: a recipe's ``quant`` section): ``quant.w_clip``, or
-    ``quant.learn_w_clip``, whose learned ratios are round-to-nearest's scales and which GPTQ, rounding on its own
-    grid, replaces by the search (the stronger GPTQ: on the demo it lowers the random-Hadamard + GPTQ row)."""
+    ``quant.learn_w_clip`` (the stronger GPTQ: on the demo it lowers the random-Hadamard + GPTQ row). Weights with
+    learned clip ratios on GPTQ's grid round on those instead (``gptq_learned_grid``); the search is for the rest
+    (the start matrices' row, another grid, ``quant.gptq.learned_grid: false``)."""
     return bool(q.w_clip or q.learn_w_clip)
+
+
+def gptq_learned_grid(q, spec: QuantSpec) -> bool:
+    """Whether GPTQ quantizing to ``spec`` rounds on the grid of a run's learned weight clip ratios (``q``: the
+    run's recipe ``quant`` section): it learned them (``quant.learn_w_clip``), ``quant.gptq.learned_grid`` is on,
+    and ``spec`` is the int grid (bits, symmetry, group size) they were learned for. GPTQ then only chooses the
+    integers on that grid (its MSE clip search does not run for those weights)."""
+    return bool(q.learn_w_clip and q.gptq.learned_grid and spec.format == "int"
+                and (spec.bits, spec.sym, spec.group_size) == (q.w_bits, q.w_sym, q.w_groupsize))
 
 
 @dataclass

@@ -197,13 +197,24 @@ def test_run_model_gets_the_weight_clips_its_run_learned_on_its_grid_only(env, t
     assert given["ppl"] == pytest.approx(recorded["ppl"], rel=1e-9)
     other_grid = eval_json(root, run_model, "--rotation", "learned", "--w-bits", 4, "--w-groupsize", 8)
     assert other_grid["settings"]["weight_clips"] == 0  # learned per channel: not for groups of 8
+    gptq = ("--rotation", "learned", "--w-bits", 4, "--w-method", "gptq", "--calib-data", root / "train.txt",
+            "--nsamples", 4)
+    on_grid = eval_json(root, run_model, *gptq)  # GPTQ rounds on the learned ratios' grid
+    assert on_grid["settings"]["gptq"]["learned_grid"] == len(shapes)
+    searched = eval_json(root, run_model, *gptq, "--w-clip", "--weight-clips", "none")
+    assert searched["settings"]["gptq"]["learned_grid"] == 0
+    assert searched["ppl"] != pytest.approx(on_grid["ppl"], rel=1e-6)
+    (out / "recipe.yaml").write_text("rotation: {r3: false, r4: false}\n"
+                                     "quant: {w_bits: 4, w_groupsize: -1, gptq: {learned_grid: false}}\n")
+    assert eval_json(root, run_model, *gptq)["settings"]["gptq"]["learned_grid"] == 0  # the recipe said no
+    (out / "recipe.yaml").write_text("rotation: {r3: false, r4: false}\nquant: {w_bits: 4, w_groupsize: -1}\n")
     capsys.readouterr()
     assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--w-bits", 4, "--w-groupsize", 8,
                "--weight-clips", clips) == 2
     err = capsys.readouterr().err
     assert "(group size 8) needs (" in err and "[rows, groups]" in err
     assert run("--model", model, "--data", root / "test.txt", "--seqlen", SEQ, "--weight-clips", clips) == 2
-    assert "weight clip ratios apply to round-to-nearest int weights" in capsys.readouterr().err
+    assert "weight clip ratios apply to int weights, round-to-nearest" in capsys.readouterr().err
 
 
 def test_a_run_model_evaluated_as_it_is_says_what_it_leaves_out(env, tmp_path, capsys):

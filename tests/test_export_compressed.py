@@ -166,15 +166,21 @@ def test_demo_w4a16_packs_to_a_sixth(tmp_path):
         assert torch.equal(dec[name]["weight"], quantize_weight(model.get_submodule(name).weight.detach(), spec))
 
 
+def _learned_clips(model, online, seed: int):
+    """(the folded reference model, its quantized linears, per-row clip ratios for them as a run saves them)."""
+    ref = _folded(model, online)
+    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    gen = torch.Generator().manual_seed(seed)
+    clips = {f"{n}.weight": 0.6 + 0.35 * torch.rand(ref.get_submodule(n).weight.shape[0], 1, generator=gen)
+             for n in linears}
+    return ref, linears, clips
+
+
 def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, tmp_path, capsys):
     """A run's learned weight clip ratios are the RTN weight scales of an export on the grid they were learned for
     (decompressed by compressed-tensors: quantize_weight with the ratios); another grid leaves them out, saying so."""
     model, online = tiny
-    ref = _folded(model, online)
-    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    gen = torch.Generator().manual_seed(4)
-    clips = {f"{n}.weight": 0.6 + 0.35 * torch.rand(ref.get_submodule(n).weight.shape[0], 1, generator=gen)
-             for n in linears}
+    ref, linears, clips = _learned_clips(model, online, seed=4)
     out = export_model(model, tmp_path / "clipped", scheme="w4a16", online=online, group_size=-1, progress=False,
                        weight_clips=clips)
     assert "weight scales from the run's learned clip ratios (14 weights)" in capsys.readouterr().err
@@ -192,9 +198,33 @@ def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, t
     grouped = resolve_scheme("w4a16", 8)
     assert carried_weight_clips(clips, grouped, "rtn", recipe_grid)[0] is None  # learned per channel, exported per 8
     assert "are not applied" in carried_weight_clips(clips, grouped, "rtn", recipe_grid)[1]
-    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid)[0] is None
+    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid)[0] is clips  # its grid
+    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "gptq", recipe_grid, gptq_grid=False)[0] is None
+    assert carried_weight_clips(clips, resolve_scheme("w4a16", -1, w_clip=True), "rtn", recipe_grid)[0] is None
     assert carried_weight_clips(clips, resolve_scheme("w4a16", -1), "rtn", recipe_grid)[0] is clips
     assert carried_weight_clips(clips, resolve_scheme("float"), "rtn", recipe_grid) == (None, None)
+
+
+def test_a_gptq_export_rounds_on_the_learned_weight_grid(tiny, tmp_path, capsys):
+    """GPTQ exports of a run with learned weight clip ratios on their grid store the scales those ratios give
+    (decompressed by compressed-tensors), with GPTQ's integers: not round-to-nearest's values on that grid."""
+    model, online = tiny
+    ref, linears, clips = _learned_clips(model, online, seed=6)
+    blocks = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = export_model(model, tmp_path / "gptq", scheme="w4a16", online=online, group_size=-1, w_method="gptq",
+                       calib_blocks=blocks, weight_clips=clips, progress=False)
+    assert "GPTQ rounds on the grid of the run's learned clip ratios (14 weights)" in capsys.readouterr().err
+    _, dec = _decompress(out)
+    spec = resolve_scheme("w4a16", -1).quant.w
+    differs = 0
+    for name in linears:
+        w = ref.get_submodule(name).weight.detach()
+        scale = weight_qparams(w, spec, clips[f"{name}.weight"])[0]
+        assert torch.equal(dec[name]["raw_weight_scale"], scale), name
+        levels = dec[name]["weight"] / scale
+        assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 8, name
+        differs += not torch.equal(dec[name]["weight"], quantize_weight(w, spec, clips[f"{name}.weight"]))
+    assert differs == len(linears)
 
 
 @pytest.mark.parametrize(("w_method", "mse_clip"), [("gptq", True), ("rtn", False)])

@@ -41,10 +41,11 @@ def recon_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
 
 def slow_gptq(
     w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float = 0.01, act_order: bool = False,
-    static_groups: bool = False,
+    static_groups: bool = False, grid: list | None = None,
 ) -> torch.Tensor:
     """Textbook GPTQ/OBS in float64: one column at a time, the full inverse Hessian downdated after
-    each column (no Cholesky, no blocks, no lazy updates)."""
+    each column (no Cholesky, no blocks, no lazy updates). ``grid``: fixed (scale, zero) per group (one entry per
+    channel) instead of the spec's."""
     w, h = w.double().clone(), h.double().clone()
     n = w.shape[1]
     g = spec.group_size
@@ -55,6 +56,10 @@ def slow_gptq(
     w[:, dead] = 0.0
     scale, zero = par(w) if g == -1 else (None, None)
     static = [par(w[:, j : j + g]) for j in range(0, n, g)] if static_groups else []
+    if grid is not None:
+        static_groups = g > 0
+        scale, zero = grid[0] if g == -1 else (None, None)
+        static = [(s.double(), z.double()) for s, z in grid] if g > 0 else []
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     h += percdamp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype)
@@ -114,6 +119,48 @@ def test_blocked_matches_slow_reference(spec: QuantSpec, act_order: bool, static
     assert (torch.isclose(q32.double(), ref, rtol=0, atol=1e-5)).float().mean().item() >= 0.99
     ref_err = recon_error(x, w, ref)
     assert recon_error(x, w, q32) == pytest.approx(ref_err, rel=1e-2)
+
+
+def learned_clips(groups: int, seed: int = 5) -> torch.Tensor:
+    """Clip ratios per row and group, as learned weight clipping leaves them (0.55 .. 1)."""
+    return 0.55 + 0.45 * torch.rand(N_OUT, groups, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("spec", "act_order"),
+    [
+        (QuantSpec(bits=4, sym=True, mse_clip=True), True),  # (the search is not run on a fixed grid)
+        (QuantSpec(bits=4, sym=False, group_size=32), True),
+        (QuantSpec(bits=3, sym=True, group_size=16), False),
+    ],
+)
+def test_learned_clip_grid_matches_slow_reference_and_beats_rtn_on_it(spec: QuantSpec, act_order: bool) -> None:
+    """With fixed clip ratios, GPTQ rounds on round-to-nearest's grid for those ratios, taken from the original
+    weight (the textbook algorithm on that grid, float64), and reconstructs the layer better than RTN on it."""
+    x, w = correlated_inputs(seed=2), layer(seed=3)
+    h = hessian_of(x)
+    groups = 1 if spec.group_size < 0 else N_IN // spec.group_size
+    clip = learned_clips(groups)
+    g = N_IN if spec.group_size < 0 else spec.group_size
+    grid = [find_qparams(w.double()[:, k * g : (k + 1) * g], spec.bits, spec.sym, clip[:, k : k + 1].double())
+            for k in range(groups)]
+    if spec.sym and spec.group_size < 0:  # written out: clip * max |row| / (2^(b-1) - 1)
+        assert torch.allclose(grid[0][0], clip.double() * w.double().abs().amax(1, keepdim=True) / 7)
+    ref = slow_gptq(w, h, spec, act_order=act_order, grid=grid)
+    q64, st = gptq_quantize_weight(w.double(), h, spec, act_order=act_order, block_size=48,
+                                   compute_dtype=torch.float64, clip=clip)
+    assert torch.isclose(q64, ref, rtol=0, atol=1e-9).all()
+    assert torch.allclose(st["scale"], torch.cat([s for s, _ in grid], 1), rtol=1e-12, atol=0)
+    q32, _ = gptq_quantize_weight(w, h, spec, act_order=act_order, clip=clip)
+    rtn = quantize_weight(w, QuantSpec(bits=spec.bits, sym=spec.sym, group_size=spec.group_size), clip)
+    assert recon_error(x, w, q32) < 0.7 * recon_error(x, w, rtn)
+    assert not torch.equal(q32, gptq_quantize_weight(w, h, spec, act_order=act_order)[0])  # not the spec's grid
+
+
+def test_learned_clip_grid_of_the_wrong_shape_is_refused() -> None:
+    x, w = correlated_inputs(), layer()
+    with pytest.raises(ValueError, match=r"\[48, 4\]|\(48, 4\)"):
+        gptq_quantize_weight(w, hessian_of(x), QuantSpec(bits=4, group_size=32), clip=learned_clips(1))
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -236,8 +236,8 @@ def test_the_guard_judges_w16a4kv4_recipes_by_their_gptq_rows(assets, tmp_path, 
 
     real = RotationJob._gptq_ppl
 
-    def judged(self, label, model, gq, clips):
-        value = real(self, label, model, gq, clips)
+    def judged(self, label, model, gq, clips, weight_clips):
+        value = real(self, label, model, gq, clips, weight_clips)
         if "learned rotation" in label:  # pretend learning hurt (or helped) under GPTQ, whatever the W16 rows say
             value = self.metrics["rows"][label] = value * (2 if hurt else 0.5)
         return value
@@ -566,16 +566,21 @@ def test_two_process_ddp_ranks_agree_and_match_one_process_with_the_same_global_
     assert moved > 1e-3 and moved > 30 * diff
 
 
-@pytest.mark.parametrize(("overrides", "mse_clip"), [
-    ({"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4}, True),
-    ({"quant.learn_w_clip": "true"}, True),  # RTN's learned ratios: GPTQ searches its own clip instead
-    ({}, False),
-], ids=["w16a4kv4-w_clip", "rtn-learn_w_clip", "rtn"])
-def test_the_jobs_gptq_gets_the_recipes_mse_clip_search(assets, tmp_path, monkeypatch, overrides, mse_clip):
-    """The job's GPTQ rows get 4-bit weights with the clip search where the recipe asks for one (quant.w_clip) or
-    learns weight clip ratios GPTQ cannot use (quant.learn_w_clip), and the recipe's activations/KV, from the same
-    mapping `spinlearn eval` uses (QuantSettings)."""
+@pytest.mark.parametrize(("overrides", "mse_clip", "grid"), [
+    ({"quant.w_bits": 16, "quant.w_method": "gptq", "quant.w_clip": "true", "quant.gptq.w_bits": 4}, True, False),
+    ({"quant.learn_w_clip": "true"}, True, True),  # the learned ratios set GPTQ's grid; the start's row searches
+    ({"quant.learn_w_clip": "true", "quant.gptq.learned_grid": "false"}, True, False),
+    ({"quant.learn_w_clip": "true", "quant.gptq.w_bits": 3}, True, False),  # learned for 4 bits, not 3
+    ({}, False, False),
+], ids=["w16a4kv4-w_clip", "rtn-learn_w_clip", "rtn-learn_w_clip-search", "rtn-learn_w_clip-3bit", "rtn"])
+def test_the_jobs_gptq_gets_the_recipes_clip_search_or_learned_grid(assets, tmp_path, monkeypatch, overrides,
+                                                                     mse_clip, grid):
+    """The job's GPTQ rows get the recipe's GPTQ weights with the clip search where the recipe asks for one
+    (quant.w_clip) or learns weight clip ratios (quant.learn_w_clip), and the recipe's activations/KV, from the
+    same mapping `spinlearn eval` uses (QuantSettings); the learned row rounds on the learned ratios' grid
+    (weight_clips) when they were learned for GPTQ's grid and quant.gptq.learned_grid is on."""
     import spinlearn.evaluate as evaluate_mod
+    from spinlearn.artifacts import load_rotations
 
     seen = []
     monkeypatch.setattr(evaluate_mod, "evaluate_setting",
@@ -585,11 +590,19 @@ def test_the_jobs_gptq_gets_the_recipes_mse_clip_search(assets, tmp_path, monkey
     assert run_main(assets, overrides_for(out, **overrides)) == 0
     calls = [k for k in seen if k.get("w_method") == "gptq"]
     assert len(calls) == 2  # the learned matrices, then the start (eval.baselines)
+    bits = 3 if overrides.get("quant.gptq.w_bits") == 3 else 4
     for kw in calls:
         q = kw["quant"]
-        assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (4, mse_clip, 4, 4)
+        assert (q.w.bits, q.w.mse_clip, q.a.bits, q.kv.bits) == (bits, mse_clip, 4, 4)
+    assert calls[1]["weight_clips"] == "none"  # the start has no learned ratios
+    if grid:
+        saved = load_rotations(out / "weight_clips.safetensors")
+        assert set(calls[0]["weight_clips"]) == set(saved) and len(saved) > 0
+        assert all(torch.equal(calls[0]["weight_clips"][k], saved[k]) for k in saved)
+    else:
+        assert calls[0]["weight_clips"] == "none"
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert {"W4A4KV4 GPTQ, learned rotation", "W4A4KV4 GPTQ, random Hadamard rotation"} <= set(rows)
+    assert {f"W{bits}A4KV4 GPTQ, learned rotation", f"W{bits}A4KV4 GPTQ, random Hadamard rotation"} <= set(rows)
 
 
 @pytest.mark.parametrize("weights", ["w16_then_gptq", "rtn"])

@@ -72,6 +72,7 @@ def _recipe_settings(recipe) -> dict:
             "w_clip": bool(recipe.quant.w_clip), "gptq_w_clip": gptq_clip_search(recipe.quant),
             "nsamples": g.nsamples, "recipe_text": recipe_to_yaml(recipe),
             "w_grid": (recipe.quant.w_bits, recipe.quant.w_sym, recipe.quant.w_groupsize),
+            "gptq_learned_grid": bool(g.learned_grid),
             "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
             "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
 
@@ -124,7 +125,8 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     card = card or CardInfo()
     card.base_model, card.recipe = card.base_model or rs.get("base_model"), card.recipe or rs.get("recipe_text")
     card.source = card.source or rs.get("source")
-    weight_clips, clip_note = carried_weight_clips(weight_clips, s, w_method, rs.get("w_grid"))
+    weight_clips, clip_note = carried_weight_clips(weight_clips, s, w_method, rs.get("w_grid"),
+                                                   rs.get("gptq_learned_grid", True))
     card.w_method, card.notes = w_method, card.notes + serving_notes(linears, s) + ([clip_note] if clip_note else [])
     if run_metrics is not None:
         card.results = format_table(run_metrics)
@@ -143,18 +145,22 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
 
 
 def carried_weight_clips(weight_clips: dict | None, s: ExportScheme, w_method: str,
-                         learned_grid: tuple[int, bool, int] | None) -> tuple[dict | None, str | None]:
+                         learned_grid: tuple[int, bool, int] | None,
+                         gptq_grid: bool = True) -> tuple[dict | None, str | None]:
     """(the clips the export applies, a note for the log and the model card): a run's learned weight clip ratios
-    apply to RTN int weights on the grid (bits, symmetric, group size) they were learned for."""
+    apply to int weights on the grid (bits, symmetric, group size) they were learned for: round-to-nearest's scales
+    (without the MSE search), or the grid GPTQ rounds on (``gptq_grid``: the recipe's ``quant.gptq.learned_grid``)."""
     if not weight_clips or not s.quantized:
         return None, None
     w = s.quant.w
     grid = (w.bits, w.sym, w.group_size)
-    if (w_method != "rtn" or w.format != "int" or w.mse_clip
-            or (learned_grid is not None and tuple(learned_grid) != grid)):
+    method_takes = gptq_grid if w_method == "gptq" else not w.mse_clip
+    if not method_takes or w.format != "int" or (learned_grid is not None and tuple(learned_grid) != grid):
         return None, (f"the run's learned weight clip ratios (bits, symmetric, group size = {tuple(learned_grid or ())}"
                       f") are not applied: scheme {s.name} quantizes weights by {w_method.upper()} as {w.format} "
-                      f"{grid}; export.group_size equal to quant.w_groupsize (RTN) would apply them")
+                      f"{grid}; export.group_size equal to quant.w_groupsize would apply them")
+    if w_method == "gptq":
+        return weight_clips, f"GPTQ rounds on the grid of the run's learned clip ratios ({len(weight_clips)} weights)"
     return weight_clips, f"weight scales from the run's learned clip ratios ({len(weight_clips)} weights)"
 
 

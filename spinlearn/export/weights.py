@@ -72,9 +72,11 @@ def rtn_values(w: Tensor, scheme: ExportScheme, clip: Tensor | None = None) -> Q
 
 @torch.no_grad()
 def gptq_values(model: nn.Module, names: list[str], scheme: ExportScheme, calib_blocks: Tensor, *,
-                gptq_kwargs: dict | None = None, progress: bool = True) -> dict[str, QuantizedLinear]:
+                gptq_kwargs: dict | None = None, weight_clips: dict | None = None,
+                progress: bool = True) -> dict[str, QuantizedLinear]:
     """GPTQ on ``model`` in place (online input hooks, if any, already installed), with contiguous groups
-    (``static_groups`` when grouping with act_order), returning the values and the scales GPTQ used."""
+    (``static_groups`` when grouping with act_order), on the grid of a run's learned ``weight_clips`` (by weight
+    name) where given, returning the values and the scales GPTQ used."""
     from ..gptq import gptq_quantize_model
 
     if scheme.quant.w.format != "int":
@@ -84,7 +86,9 @@ def gptq_values(model: nn.Module, names: list[str], scheme: ExportScheme, calib_
         kw["static_groups"] = True  # groups of contiguous columns, as the checkpoint stores them
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
     qparams: dict = {}
-    gptq_quantize_model(model, calib_blocks, scheme.quant.w, skip=skip, progress=progress, qparams=qparams, **kw)
+    grids = {n: weight_clips[f"{n}.weight"] for n in names if f"{n}.weight" in (weight_clips or {})}
+    gptq_quantize_model(model, calib_blocks, scheme.quant.w, skip=skip, progress=progress, qparams=qparams,
+                        clips=grids, **kw)
     out = {}
     for n in names:
         scale, _ = qparams[n]
@@ -116,10 +120,11 @@ def input_amax(model: nn.Module, names: list[str], calib_blocks: Tensor) -> dict
 def quantize_linears(model: nn.Module, names: list[str], scheme: ExportScheme, *, w_method: str,
                      calib_blocks: Tensor | None, gptq_kwargs: dict | None = None, weight_clips: dict | None = None,
                      progress: bool = True) -> dict[str, QuantizedLinear]:
-    """Export values for every named linear (RTN, with a run's learned ``weight_clips`` by weight name when given,
-    or GPTQ); NVFP4 also gets each input's static global scale."""
+    """Export values for every named linear (RTN or GPTQ, on the grid of a run's learned ``weight_clips`` by weight
+    name when given); NVFP4 also gets each input's static global scale."""
     if w_method == "gptq":
-        values = gptq_values(model, names, scheme, calib_blocks, gptq_kwargs=gptq_kwargs, progress=progress)
+        values = gptq_values(model, names, scheme, calib_blocks, gptq_kwargs=gptq_kwargs, weight_clips=weight_clips,
+                             progress=progress)
     else:
         clips = weight_clips or {}
         values = {n: rtn_values(model.get_submodule(n).weight, scheme, clips.get(f"{n}.weight")) for n in names}
