@@ -1,8 +1,9 @@
 """Print the rotation results table for any model and data: float, RTN without rotation, random Hadamard,
 learned (from a train_rotations.py output), and with --calib-data the GPTQ rows (GPTQ weights with the MSE clip
 search, the activations and K/V as the RTN rows) on the learned and on the random-Hadamard rotation. The learned
-model applies the online Hadamards (and clip ratios) its run records; pass --r3/--r4 so that the random-Hadamard
-rows use the same ones.
+model applies the online Hadamards (and clip ratios) its run records, and its GPTQ row rounds on the run's learned
+weight grid when it has one (``quant.gptq.learned_grid``); pass --r3/--r4 so that the random-Hadamard rows use the
+same online Hadamards.
 
     python launch/bench_table.py --model spinlearn/demo/model --data spinlearn/demo/data/test.txt \
         --calib-data spinlearn/demo/data/train.txt --learned runs/demo [--seqlen 256] [--max-windows 64] [--r3 --r4]

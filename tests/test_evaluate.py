@@ -204,3 +204,21 @@ def test_gptq_argument_errors(setup):
     with pytest.raises(ValueError, match="weight parametrization"):
         gptq_quantize_model(model, setup[1], QuantSpec(bits=4), progress=False)
     h.remove()
+    with pytest.raises(ValueError, match="clip ratios for 'lm_head', which is not a linear GPTQ quantizes"):
+        gptq_quantize_model(model, setup[1], QuantSpec(bits=4), progress=False, clips={"lm_head": torch.ones(1, 1)})
+
+
+def test_gptq_on_learned_clips_keeps_their_grid_layer_by_layer(setup):
+    """``clips`` fix a linear's grid to round-to-nearest's with those ratios; the others keep the spec's."""
+    from spinlearn.quant import weight_qparams
+
+    _, calib, _ = setup
+    model = fresh(setup)
+    name = "model.layers.1.mlp.down_proj"
+    w = model.get_submodule(name).weight.detach().clone()
+    clip = torch.full((w.shape[0], 1), 0.7)
+    qparams: dict = {}
+    gptq_quantize_model(model, calib, QuantSpec(bits=4), progress=False, clips={name: clip}, qparams=qparams)
+    assert torch.equal(qparams[name][0], weight_qparams(w, QuantSpec(bits=4), clip)[0])
+    other = "model.layers.1.mlp.up_proj"
+    assert torch.allclose(qparams[other][0], fresh(setup).get_submodule(other).weight.abs().amax(1, keepdim=True) / 7)
