@@ -118,29 +118,21 @@ def gptq_quantize_weight(
     ``scale * (q - zero)`` with integer q (an export stores q and these); None when act_order without
     static_groups makes the groups non-contiguous.
 
-    ``clip`` [out, in / group] (one column per channel): fixed clip ratios per row and group, learned weight
-    clipping's. The grid is then the one round-to-nearest with those ratios uses (``quant.weight_qparams`` of the
-    original weight, taken up front as with static_groups; the spec's MSE search does not run), and GPTQ only
-    chooses the integers on it.
+    ``clip`` [out, in / group] (one column per channel): fixed clip ratios per row and group (learned weight
+    clipping's): the grid is round-to-nearest's with them (``_fixed_grid``), and GPTQ only chooses the integers.
     """
     _check_gptq_inputs(weight, hessian, spec, block_size, percdamp, static_groups)
     if not spec.enabled:
         return weight, {"error": 0.0, "damp": 0.0, "dead_columns": 0, "scale": None, "zero": None}
     n_in, group = weight.shape[1], spec.group_size
     qmin, qmax = qrange(spec.bits, spec.sym)
-    ratio, mse = float(spec.clip_ratio), spec.mse_clip
-
-    def params(cols: Tensor) -> tuple[Tensor, Tensor]:
-        return find_qparams(cols, spec.bits, spec.sym, ratio, mse)
-
     w, h, dead = _without_dead_columns(weight, hessian, compute_dtype)
-
-    if clip is not None:
+    if clip is not None:  # the learned grid, fixed up front
         scale, zero, static_params = _fixed_grid(weight, spec, clip, w.dtype)
         static_groups = group > 0
     else:
-        scale, zero = params(w) if group <= 0 else (None, None)
-        static_params = [params(w[:, g : g + group]) for g in range(0, n_in, group)] if static_groups else []
+        scale, zero = _params(w, spec) if group <= 0 else (None, None)
+        static_params = [_params(w[:, g : g + group], spec) for g in range(0, n_in, group)] if static_groups else []
     group_params: list[tuple[Tensor, Tensor]] = []
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
@@ -162,7 +154,7 @@ def gptq_quantize_weight(
                     orig = perm[col].item() if perm is not None else col
                     scale, zero = static_params[orig // group]
                 elif col % group == 0:
-                    scale, zero = params(_current_columns(w, w1, err1, hinv, b1, b2, i, col + group))
+                    scale, zero = _params(_current_columns(w, w1, err1, hinv, b1, b2, i, col + group), spec)
                     group_params.append((scale, zero))
             wc = w1[:, i]
             q = quant_dequant(wc.unsqueeze(1), scale, zero, qmin, qmax).squeeze(1)
@@ -206,8 +198,14 @@ def _check_gptq_inputs(weight: Tensor, hessian: Tensor, spec: QuantSpec, block_s
         raise ValueError("GPTQ: the Hessian contains NaN or inf (check the calibration inputs)")
 
 
+def _params(cols: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The spec's grid for these columns (its clip ratio, its MSE search)."""
+    return find_qparams(cols, spec.bits, spec.sym, float(spec.clip_ratio), spec.mse_clip)
+
+
 def _fixed_grid(weight: Tensor, spec: QuantSpec, clip: Tensor, dtype: torch.dtype):
-    """(scale, zero, static group params) of round-to-nearest's grid with per-row (group) clip ratios ``clip``."""
+    """(scale, zero, static group params) of round-to-nearest's grid with per-row (group) clip ratios ``clip``:
+    ``quant.weight_qparams`` of the original weight, taken up front as with static groups (no MSE search)."""
     if spec.format != "int":
         raise ValueError(f"GPTQ with fixed clip ratios needs int weights (format {spec.format!r})")
     grid = QuantSpec(bits=spec.bits, sym=spec.sym, group_size=spec.group_size, format=spec.format)
