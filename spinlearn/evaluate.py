@@ -303,10 +303,13 @@ def check_clips_file(file: str | Path, kind: str, applies: bool) -> Path:
     return Path(file)
 
 
-def _run_weight_grid(model_dir) -> tuple | None:
-    """(bits, symmetric, group size) of the run's weight quantizer, from the recipe beside its model/."""
+def _recorded_weight_clips_apply(model_dir, w: QuantSpec, w_method: str) -> bool:
+    """Whether the run's recorded weight clip ratios fit weights quantized to ``w``: the grid (bits, symmetric, group
+    size) its recipe learned them on, and for GPTQ its ``quant.gptq.learned_grid`` (one read of the recipe)."""
     q = _run_recipe_section(model_dir, "quant")
-    return None if q is None else (q.get("w_bits"), q.get("w_sym", True), q.get("w_groupsize", -1))
+    if q is None or (q.get("w_bits"), q.get("w_sym", True), q.get("w_groupsize", -1)) != (w.bits, w.sym, w.group_size):
+        return False
+    return w_method != "gptq" or bool((q.get("gptq") or {}).get("learned_grid", True))
 
 
 def _clips(given, kind: str, path, is_run_model: bool, applies: bool, recorded_applies: bool = True) -> dict | None:
@@ -333,9 +336,7 @@ def _eval_clips(activation_clips, weight_clips, path, run_model: bool, quant: Qu
         clips = {n: r for n, r in clips.items() if (quant.kv.enabled if f".{KV_ATTR}." in n else quant.a.enabled)}
     w = quant.w
     applies = w.enabled and w.format == "int" and (w_method == "gptq" or not w.mse_clip)
-    recorded = run_model and _run_weight_grid(path) == (w.bits, w.sym, w.group_size)
-    if recorded and w_method == "gptq":
-        recorded = (_run_recipe_section(path, "quant") or {}).get("gptq", {}).get("learned_grid", True)
+    recorded = run_model and _recorded_weight_clips_apply(path, w, w_method)
     w_clips = _clips(weight_clips, "weight", path, run_model, applies, recorded)
     return clips, w_clips
 
