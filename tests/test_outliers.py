@@ -89,3 +89,45 @@ def test_hadamard_rotation_removes_planted_outliers():
     assert ratio_after < ratio_before / 3, (ratio_before, ratio_after)
     assert kurt_after < kurt_before / 3, (kurt_before, kurt_after)
     assert kurt_after < 6  # close to Gaussian, not merely "less heavy-tailed"
+
+
+def _outlier_script():
+    """launch/check_demo_outliers.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "check_demo_outliers.py"
+    spec = importlib.util.spec_from_file_location("check_demo_outliers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _per_token_int4_error(x: torch.Tensor) -> float:
+    """Textbook per-token asymmetric min-max int4 (float64): mean over tokens of ||q(x) - x||^2 / ||x||^2."""
+    x = x.double()
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    q = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+    return ((q - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean().item()
+
+
+def test_quant_errors_behind_a_hadamard():
+    # The diagnostic behind the README's "no room for another rotation at down_proj's input": the activation
+    # quantizer's error on planted outlier channels, as is and behind a Hadamard, against iid Gaussian data.
+    from spinlearn.quant import QuantSettings
+
+    errors = _outlier_script().quant_errors
+    spec = QuantSettings.from_flags(a_bits=4).a
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=g)
+    x[:, [3, 77]] *= 40.0  # two outlier channels
+    e = errors(x, spec)
+    assert e["as_is"] == pytest.approx(_per_token_int4_error(x), abs=1e-4)  # the quantizer is the textbook one
+    assert e["gaussian"] == pytest.approx(_per_token_int4_error(torch.randn(2048, 256, generator=g)), rel=0.03)
+    assert e["as_is"] > 5 * e["hadamard"], e  # the Hadamard spreads the outliers ...
+    assert e["hadamard"] < 1.05 * e["gaussian"], e  # ... at or below the Gaussian level (here +-a+-b patterns)
+    assert e["random_orthogonal"] == pytest.approx(e["gaussian"], rel=0.15), e  # a random one: Gaussian-like
+    plain = errors(torch.randn(2048, 256, generator=g), spec)  # no outliers: a rotation changes nothing much
+    assert plain["as_is"] == pytest.approx(plain["hadamard"], rel=0.1), plain
