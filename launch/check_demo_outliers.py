@@ -2,9 +2,10 @@
 perplexity without rotation, with random Hadamard R1+R2, and with R1+R2 plus the online R3/R4 Hadamards.
 
 Per layer it also prints the activation quantizer's relative error (the A bits, per token, no clip) at the inputs of
-q_proj (= k/v_proj's), o_proj, gate_proj (= up_proj's) and down_proj: as they are, behind a Hadamard (an online one: R4 at down_proj), behind a random orthogonal
-matrix, and on iid Gaussian data of the same shape, the level a rotation reaches on data without structure. A
-Hadamard at or below the Gaussian level leaves no room for another rotation there.
+q_proj (= k/v_proj's), o_proj, gate_proj (= up_proj's) and down_proj: as they are, behind a Hadamard (an online one,
+as R4 at down_proj), behind a random orthogonal matrix, and on iid Gaussian data of the same shape, the level a
+rotation reaches on data without structure. A Hadamard at or below the Gaussian level leaves no room for another
+rotation there.
 
     python launch/check_demo_outliers.py                     # shipped model, test split, CPU
     python launch/check_demo_outliers.py --model /tmp/demo_model --device cuda --max-windows 0

@@ -5,15 +5,12 @@ forward pass.
     accelerate launch ... tests/failing_rank_entry.py bad_data|nan --config RECIPE [dotted.key=value ...]
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 import spinlearn.job
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import launch_script  # tests/ is this script's directory, so it is on sys.path
 
 
 class GoWrongOnRank1(TrainerCallback):
@@ -34,7 +31,4 @@ if __name__ == "__main__":
     how, *argv = sys.argv[1:]
     run_training = spinlearn.job.run_training
     spinlearn.job.run_training = lambda cfg, **kw: run_training(cfg, callbacks=[GoWrongOnRank1(how)], **kw)
-    spec = importlib.util.spec_from_file_location("train_rotations", ROOT / "launch" / "train_rotations.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    sys.exit(launcher.main(argv))
+    sys.exit(launch_script("train_rotations").main(argv))

@@ -7,6 +7,19 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def launch_script(name: str):
+    """``launch/NAME.py`` loaded as a module (the launch scripts are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # family -> (config class name, layout, config kwargs)
 _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128)

@@ -5,7 +5,6 @@ Runs in-process (``main([...])``) except the one two-process DDP launch, which n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -25,23 +24,15 @@ from spinlearn.data import load_text, tokenize_concat
 from spinlearn.job import GUARD_KEPT_START
 from spinlearn.loading import load_tokenizer
 from spinlearn.optim import max_orthogonality_error
-from helpers import save_remote_code_model_dir, save_tiny_model_dir
+from helpers import ROOT, launch_script, save_remote_code_model_dir, save_tiny_model_dir
 from spinlearn.artifacts import OPTIMIZER_FILE, ROTATIONS_FILE, RUN_MARKER
 from spinlearn.trainer import RotationTrainer
 from transformers import TrainerCallback
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "spinlearn" / "demo" / "data"
 
 
-def _load_launch_main():
-    spec = importlib.util.spec_from_file_location("train_rotations_script", ROOT / "launch" / "train_rotations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-launch_main = _load_launch_main()
+launch_main = launch_script("train_rotations").main
 
 
 TEST_RECIPE = """\

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spinlearn
-from helpers import float64_exact_norms, logits_in_model_dtype, tiny_model
+from helpers import float64_exact_norms, launch_script, logits_in_model_dtype, tiny_model
 
 OUTLIER_CHANNELS = [5, 17, 40]
 SCALE = 40.0
@@ -91,18 +91,6 @@ def test_hadamard_rotation_removes_planted_outliers():
     assert kurt_after < 6  # close to Gaussian, not merely "less heavy-tailed"
 
 
-def _outlier_script():
-    """launch/check_demo_outliers.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "launch" / "check_demo_outliers.py"
-    spec = importlib.util.spec_from_file_location("check_demo_outliers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _per_token_int4_error(x: torch.Tensor) -> float:
     """Textbook per-token asymmetric min-max int4 (float64): mean over tokens of ||q(x) - x||^2 / ||x||^2."""
     x = x.double()
@@ -118,7 +106,7 @@ def test_quant_errors_behind_a_hadamard():
     # quantizer's error on planted outlier channels, as is and behind a Hadamard, against iid Gaussian data.
     from spinlearn.quant import QuantSettings
 
-    errors = _outlier_script().quant_errors
+    errors = launch_script("check_demo_outliers").quant_errors
     spec = QuantSettings.from_flags(a_bits=4).a
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 256, generator=g)
