@@ -148,7 +148,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype, batch_size=args.batch_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
         task_limit=args.task_limit, activation_clips=args.activation_clips, weight_clips=args.weight_clips,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, gptq_kwargs={"refit": args.gptq_refit},
     )
     result["settings"].update(
         data=args.data, calib_data=args.calib_data, nsamples=args.nsamples if calib is not None else None,
@@ -274,6 +274,9 @@ def _add_eval_parser(sub) -> None:
                    "ones its run learned by default when --w-bits/--w-groupsize match its recipe, 'none' turns that off")
     e.add_argument("--calib-data", default=None, help="calibration text for --w-method gptq (train split)")
     e.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of --seqlen tokens")
+    e.add_argument("--gptq-refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ's refit (quant.gptq.refit, default on): calibrate on the quantized activations and refit "
+                   "each weight to the float outputs (ridge least squares) before rounding; --no-gptq-refit: plain GPTQ")
     e.add_argument("--seed", type=int, default=0, help="Hadamard rotation and calibration sampling seed")
     e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | float64 | auto (checkpoint's)")
     e.add_argument("--trust-remote-code", action="store_true",

@@ -47,6 +47,7 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "GPTQConfig",
+    "gptq_kwargs",
     "QuantConfig",
     "RotationConfig",
     "LossConfig",
@@ -118,6 +119,14 @@ class GPTQConfig:
     act_order: bool = True
     w_bits: Optional[int] = None  # null = quant.w_bits
     learned_grid: bool = True  # with quant.learn_w_clip: GPTQ rounds on the learned clip ratios' grid (else MSE search)
+    refit: bool = True  # calibrate on the quantized activations, refit each weight to the float outputs (ridge) first
+
+
+def gptq_kwargs(g=None) -> dict:
+    """The keyword arguments of ``gptq.gptq_quantize_model`` a ``quant.gptq`` section gives (None: the schema's
+    defaults, what ``spinlearn eval`` and ``spinlearn export`` use without a recipe)."""
+    g = g if g is not None else GPTQConfig()
+    return {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order, "refit": g.refit}
 
 
 @dataclass

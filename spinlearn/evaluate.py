@@ -428,7 +428,7 @@ def evaluate_setting(
     settings["activation_clips"], settings["weight_clips"] = len(clips or ()), len(w_clips or ())
     if w_method == "gptq":  # the learned weight clips set GPTQ's grid; the weights then stay as GPTQ made them
         eval_quant = _gptq_weights(model, quant, calib_blocks, gptq_kwargs, r3=use_r3, online=names,
-                                   progress=progress, settings=settings, weight_clips=w_clips)
+                                   progress=progress, settings=settings, weight_clips=w_clips, activation_clips=clips)
         w_clips = None
     handle = wrap_model(model, quant=eval_quant, r3=use_r3, online=names, online_in_weights=False)
     zero = None
@@ -482,18 +482,25 @@ def _apply_rotation(model: nn.Module, rotation: str, source, layout: str, seed: 
 
 
 def _gptq_weights(model: nn.Module, quant: QuantSettings, calib_blocks, gptq_kwargs, *, r3: bool, online,
-                  progress: bool, settings: dict, weight_clips: dict | None = None) -> QuantSettings:
-    """GPTQ on the rotated float model (online Hadamards installed, activations float), on the grid of the learned
-    ``weight_clips`` (weight name -> ratios) where given; returns the settings to evaluate with: weights left as
-    GPTQ made them, activations/KV as ``quant``."""
+                  progress: bool, settings: dict, weight_clips: dict | None = None,
+                  activation_clips: dict | None = None) -> QuantSettings:
+    """GPTQ on the rotated float model (online Hadamards installed), on the grid of the learned ``weight_clips``
+    (weight name -> ratios) where given; returns the settings to evaluate with: weights left as GPTQ made them,
+    activations/KV as ``quant``. With ``refit`` (the default) the calibration runs with ``quant``'s activation and
+    K/V quantizers (and the ``activation_clips``) on, as the evaluation will, for GPTQ's asymmetric calibration;
+    without it, in float."""
+    from .config import gptq_kwargs as default_kwargs
     from .gptq import gptq_linears, gptq_quantize_model
 
-    kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
+    kw = {**default_kwargs(), **(gptq_kwargs or {})}
     linears = gptq_linears(model)
     grids = {n.removesuffix(".weight"): r for n, r in (weight_clips or {}).items()
              if n.removesuffix(".weight") in linears}  # (3-D expert tensors: RTN below, without them)
-    hooks = wrap_model(model, quant=QuantSettings(), r3=r3, online=online, online_in_weights=False)
+    calib = quant.for_calibration() if kw["refit"] else QuantSettings()
+    hooks = wrap_model(model, quant=calib, r3=r3, online=online, online_in_weights=False)
     try:
+        if kw["refit"] and activation_clips:
+            set_activation_clips(model, activation_clips)
         errors = gptq_quantize_model(model, calib_blocks, quant.w, progress=progress, clips=grids, **kw)
     finally:
         hooks.remove()

@@ -26,8 +26,8 @@ from .activation_side import ActivationBasis, check_output_sides
 from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
-from .quant import (ActQuantizer, QuantSettings, QuantSpec, clip_from_logit, clip_logit_start, quantize_weight,
-                    weight_groups)
+from .quant import (INPUT_QUANT_ATTR, ActQuantizer, QuantSettings, QuantSpec, clip_from_logit, clip_logit_start,
+                    quantize_weight, weight_groups)
 from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
@@ -123,7 +123,7 @@ def check_online_hadamards(model: nn.Module, *, r3: bool, online: Sequence[str] 
 
 
 def _act_quant_hook(module, args, kwargs):
-    return (module.spinlearn_act(args[0]), *args[1:]), kwargs
+    return (getattr(module, INPUT_QUANT_ATTR)(args[0]), *args[1:]), kwargs
 
 
 # 3-D MoE experts (transformers' ``use_experts_implementation`` modules: gate_up_proj / up_proj and down_proj are
@@ -131,7 +131,7 @@ def _act_quant_hook(module, args, kwargs):
 # sees the down projection's input act(gate) * up. Their forward is replaced, per instance, by the eager loop
 # below with a quantizer before each projection; with the quantizers off it computes what eager does, op for op.
 EXPERT_INPUT_QUANTIZERS = {
-    "gate_up_proj": "spinlearn_act", "up_proj": "spinlearn_act", "down_proj": "spinlearn_act_down",
+    "gate_up_proj": INPUT_QUANT_ATTR, "up_proj": INPUT_QUANT_ATTR, "down_proj": "spinlearn_act_down",
 }
 _EXPERTS_CONTRACT = ("num_experts", "has_gate", "has_bias", "is_transposed", "act_fn")
 
@@ -154,7 +154,7 @@ def quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     w_up, w_down = getattr(self, up_name), self.down_proj
     b_up = getattr(self, f"{up_name}_bias") if self.has_bias else None
     b_down = self.down_proj_bias if self.has_bias else None
-    x = _quantize_with(self, "spinlearn_act", hidden_states)
+    x = _quantize_with(self, INPUT_QUANT_ATTR, hidden_states)
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
         mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -199,7 +199,7 @@ def _install_act_quant(model: nn.Module, name: str, t, spec: QuantSpec, handle: 
     """Fake-quantize the input of target ``t``: a forward pre-hook on a Linear-like module; for a bare expert
     tensor, a quantizer in ``quantized_experts_forward``, installed as the experts module's forward."""
     if t.module is not None:
-        mod, attr = t.module, "spinlearn_act"
+        mod, attr = t.module, INPUT_QUANT_ATTR
     else:
         mod = model.get_submodule(name.rsplit(".", 1)[0])
         attr = _experts_quantizer_attr(mod, name)

@@ -18,9 +18,9 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from spinlearn.online import ROUTER_GLOBS
-from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant, weight_qparams
+from spinlearn.quant import QuantSpec, find_qparams, input_quantizer, qrange, quant_dequant, weight_qparams
 
-__all__ = ["HessianAccumulator", "gptq_quantize_weight", "gptq_quantize_model"]
+__all__ = ["HessianAccumulator", "RefitAccumulator", "refit_weight", "gptq_quantize_weight", "gptq_quantize_model"]
 
 
 class HessianAccumulator:
@@ -73,6 +73,65 @@ class HessianAccumulator:
                 "with forward_hook registered)"
             )
         return self._hessian
+
+
+class RefitAccumulator:
+    """For GPTQ's asymmetric calibration: the running Hessian of the inputs the quantized layer reads, ``xq`` (its
+    input quantizer's output), and the running cross term C = 2/N * sum_n x_n xq_n^T with the inputs ``x`` it should
+    act on (the same inputs before the quantizer). Register ``hook`` on the layer's input quantizer."""
+
+    def __init__(self, in_features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.quantized = HessianAccumulator(in_features, dtype)
+        self._cross: Tensor | None = None
+
+    @torch.no_grad()
+    def add_pair(self, x: Tensor, xq: Tensor) -> None:
+        if x.shape != xq.shape:
+            raise ValueError(f"RefitAccumulator: target inputs {tuple(x.shape)} and quantized inputs "
+                             f"{tuple(xq.shape)} differ in shape")
+        seen = self.quantized.nsamples
+        self.quantized.add_batch(xq)
+        acc = self.quantized
+        rows_q = xq.detach().reshape(-1, acc.in_features).to(acc.dtype)
+        if rows_q.shape[0] == 0:
+            return
+        rows_x = x.detach().reshape(-1, acc.in_features).to(acc.dtype)
+        if self._cross is None:
+            self._cross = torch.zeros_like(acc.hessian)
+        self._cross.mul_(seen / acc.nsamples)
+        self._cross.addmm_(rows_x.T.to(self._cross.device), rows_q.to(self._cross.device), alpha=2.0 / acc.nsamples)
+
+    def hook(self, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+        """``quantizer.register_forward_hook(acc.hook)``: the quantizer's input is x, its output xq."""
+        self.add_pair(args[0], output)
+
+    @property
+    def hessian(self) -> Tensor:
+        return self.quantized.hessian
+
+    @property
+    def cross(self) -> Tensor:
+        _ = self.quantized.hessian  # raises the same error when nothing was added
+        return self._cross
+
+
+@torch.no_grad()
+def refit_weight(weight: Tensor, hessian: Tensor, cross: Tensor, percdamp: float = 0.01) -> Tensor:
+    """The weight GPTQ's refit quantizes: W C (H + damp I)^-1, the ridge least-squares fit of W' Xq to W X, with H the
+    Hessian of the inputs Xq the quantized model gives the layer, C = X Xq^T their cross term with the inputs X it
+    should act on, and GPTQ's own dampening (damp = percdamp * mean diag H) as the ridge. GPTQ on it with H then
+    minimises ||W X - Q Xq||^2 (plus the ridge; undamped, the cross term vanishes): the rounding also corrects the
+    activation quantizer's error (GPTAQ's asymmetric calibration). For float inputs (C = H) it is W H (H + damp I)^-1:
+    W shrunk along the input directions the calibration data barely excites, which narrows the range the weight's
+    grid has to cover."""
+    h = hessian.to(torch.float64)
+    energy = torch.diag(h).mean().item()
+    if energy <= 0:  # no input energy: nothing to fit
+        return weight
+    h.diagonal().add_(percdamp * energy)
+    w = weight.to(torch.float64)
+    fitted = torch.cholesky_solve(cross.to(torch.float64).T @ w.T, torch.linalg.cholesky(h)).T
+    return fitted.to(weight.dtype)
 
 
 def _inverse_hessian_cholesky(h: Tensor, percdamp: float) -> tuple[Tensor, float]:
@@ -317,8 +376,13 @@ def _quantize_group(
     names: list[str], linears: dict[str, nn.Linear], run, spec: QuantSpec, stats: dict[str, float], gptq_kw: dict,
     qparams: dict | None = None, clips: dict[str, Tensor] | None = None,
 ) -> None:
-    accs = {n: HessianAccumulator(linears[n].in_features) for n in names}
-    handles = [linears[n].register_forward_hook(accs[n].forward_hook) for n in names]
+    kw = dict(gptq_kw)
+    refit = kw.pop("refit", False)
+    quantizers = {n: input_quantizer(linears[n]) if refit else None for n in names}
+    accs = {n: RefitAccumulator(linears[n].in_features) if quantizers[n] is not None
+            else HessianAccumulator(linears[n].in_features) for n in names}
+    handles = [quantizers[n].register_forward_hook(accs[n].hook) if quantizers[n] is not None
+               else linears[n].register_forward_hook(accs[n].forward_hook) for n in names]
     try:
         run()
     finally:
@@ -326,7 +390,11 @@ def _quantize_group(
             h.remove()
     for n in names:
         w = linears[n].weight
-        q, st = gptq_quantize_weight(w.detach(), accs[n].hessian, spec, clip=(clips or {}).get(n), **gptq_kw)
+        target = w.detach()
+        if refit:  # the ridge fit from the inputs the quantized model gives (float ones: C = H) to the float outputs
+            cross = accs[n].cross if quantizers[n] is not None else accs[n].hessian
+            target = refit_weight(target, accs[n].hessian, cross, kw["percdamp"])
+        q, st = gptq_quantize_weight(target, accs[n].hessian, spec, clip=(clips or {}).get(n), **kw)
         w.data.copy_(q)
         stats[n] = st["error"]
         if qparams is not None:
@@ -344,6 +412,7 @@ def gptq_quantize_model(
     block_size: int = 128,
     act_order: bool = True,
     static_groups: bool = False,
+    refit: bool = False,
     progress: bool = True,
     qparams: dict | None = None,
     clips: dict[str, Tensor] | None = None,
@@ -357,15 +426,22 @@ def gptq_quantize_model(
     ``fakequant.wrap_model(..., online=...)``) run before the Hessian hook sees the input, so they are part of
     the problem.
     Linears outside the decoder layers (and all of them if no layer list is found) get their Hessians from
-    one pass of the whole model at the end. Activations are not quantized during calibration.
+    one pass of the whole model at the end. Activations are quantized during calibration when the caller installed
+    input quantizers (``fakequant.wrap_model`` with 16-bit weights, e.g. ``QuantSettings.for_calibration``): every
+    layer then sees the inputs the quantized model gives it.
+
+    ``refit``: every weight is refitted before GPTQ rounds it (``refit_weight``: the ridge least-squares fit, GPTQ's
+    dampening as the ridge, from the inputs Xq the layer gets to the outputs W X it should give, X its input before
+    its quantizer); a linear whose input is quantized gets its Hessian from the quantized inputs, so that GPTQ
+    minimises ||W X - Q Xq||^2 and corrects the activation quantizer's error too (GPTAQ's asymmetric calibration).
 
     Weights that are not nn.Linear (3-D MoE expert tensors) are left alone: quantize them another way.
     ``calib_blocks`` is a LongTensor [n, seqlen] of token ids, run one window at a time.
     Returns {linear name: GPTQ's estimate of the added loss}. A dict passed as ``qparams`` receives
     {linear name: (scale, zero)} of each result's grid (see ``gptq_quantize_weight``'s "scale").
     ``clips`` {linear name: clip ratios [out, in / group]} (learned weight clipping's) fixes those linears' grids
-    to round-to-nearest's with these ratios (``gptq_quantize_weight``'s ``clip``); every name must be a linear
-    this call quantizes.
+    to round-to-nearest's with these ratios (``gptq_quantize_weight``'s ``clip``; with ``refit``, of the refitted
+    weight); every name must be a linear this call quantizes.
     """
     _check_calib_blocks(calib_blocks)
     linears = gptq_linears(model, skip)
@@ -377,7 +453,8 @@ def gptq_quantize_model(
     if unknown:
         raise ValueError(f"gptq_quantize_model: clip ratios for {unknown[0]!r}, which is not a linear GPTQ quantizes "
                          f"here ({len(unknown)} such names; skip={tuple(skip)}); name the nn.Linear modules")
-    gptq_kw = dict(percdamp=percdamp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+    gptq_kw = dict(percdamp=percdamp, block_size=block_size, act_order=act_order, static_groups=static_groups,
+                   refit=refit)
     device = next(model.parameters()).device
     blocks = calib_blocks.to(device)
     stats: dict[str, float] = {}

@@ -537,13 +537,14 @@ class RotationJob:
     def _gptq_ppl(self, label: str, model, gq: QuantSettings, activation_clips, weight_clips) -> float:
         """GPTQ (the recipe's quant.gptq settings; on the grid of ``weight_clips`` where given) on ``model``'s float
         weights, in place; its row of the table."""
+        from .config import gptq_kwargs
         from .evaluate import evaluate_setting
 
         cfg = self.cfg
         g = cfg.quant.gptq
         res = evaluate_setting(
             model, self.windows, rotation="none", quant=gq, w_method="gptq", calib_blocks=self.blocks[: g.nsamples],
-            gptq_kwargs={"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order},
+            gptq_kwargs=gptq_kwargs(g),
             r3=cfg.rotation.r3, online=self.online, batch_size=cfg.eval.batch_size, progress=self.main,
             activation_clips=activation_clips, weight_clips=weight_clips,
         )

@@ -329,6 +329,15 @@ def weight_groups(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> tuple
     return math.prod(int(d) for d in shape[:-1]), n // group
 
 
+INPUT_QUANT_ATTR = "spinlearn_act"  # the attribute of a linear holding its input's ActQuantizer (fakequant installs it)
+
+
+def input_quantizer(module: nn.Module) -> ActQuantizer | None:
+    """The quantizer ``fakequant.wrap_model`` put on ``module``'s input, if it is on (enabled, fewer than 16 bits)."""
+    q = getattr(module, INPUT_QUANT_ATTR, None)
+    return q if isinstance(q, ActQuantizer) and q.enabled and q.spec.enabled else None
+
+
 class ActQuantizer(nn.Module):
     """Dynamic activation (or KV, when head_dim is set) fake quantizer that can be switched off.
 
@@ -455,6 +464,11 @@ class QuantSettings:
         bits = q.gptq.w_bits or (q.w_bits if q.w_bits < 16 else 4)
         w = QuantSpec(bits=bits, sym=q.w_sym, group_size=q.w_groupsize, mse_clip=gptq_clip_search(q))
         return cls(w=w, a=base.a, kv=base.kv, lm_head=base.lm_head)
+
+    def for_calibration(self) -> QuantSettings:
+        """The quantizers GPTQ's asymmetric calibration (``quant.gptq.refit``) runs the model with: 16-bit weights (GPTQ
+        quantizes them itself), this setting's activations and K/V, lm_head left alone."""
+        return QuantSettings(w=QuantSpec(bits=16), a=self.a, kv=self.kv, lm_head=QuantSpec(bits=16))
 
     @property
     def name(self) -> str:

@@ -194,6 +194,70 @@ def test_gptq_beats_rtn_per_layer_and_in_perplexity(setup):
     assert gptq["settings"]["gptq"]["nsamples"] == calib.shape[0] and gptq["settings"]["gptq"]["act_order"] is True
 
 
+def test_gptq_refit_fits_each_layer_to_its_float_outputs_on_the_quantized_inputs(setup):
+    """refit: each linear's result equals GPTQ, with the Hessian of its quantized inputs, of ``refit_weight`` (the
+    ridge fit from the quantized inputs to the float outputs), sequentially; without input quantizers the fit is on
+    the float inputs (C = H), and refit=False is GPTQ of the weight as it is."""
+    from spinlearn.gptq import RefitAccumulator, refit_weight
+    from spinlearn.quant import input_quantizer
+
+    _, calib, _ = setup
+    spec = QuantSpec(bits=3)
+    model = fresh(setup)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hooks = wrap_model(model, quant=q(4, 4, 4).for_calibration())
+    gptq_quantize_model(model, calib, spec, progress=False, refit=True)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        acc = RefitAccumulator()
+        h = input_quantizer(model.get_submodule(name)).register_forward_hook(acc.hook)
+        with torch.no_grad():
+            for b in calib:
+                model(input_ids=b[None], use_cache=False)
+        h.remove()
+        target = refit_weight(before[name], acc.hessian, acc.cross)
+        assert (target - before[name]).abs().max() > 1e-3, name  # the quantized inputs move the fit
+        ref, _ = gptq_quantize_weight(target, acc.hessian, spec, act_order=True)
+        got = model.get_submodule(name).weight
+        assert torch.isclose(got, ref, rtol=0, atol=1e-5).float().mean() >= 0.99, name
+    hooks.remove()
+
+    plain, fitted = fresh(setup), fresh(setup)
+    gptq_quantize_model(plain, calib, spec, progress=False)
+    gptq_quantize_model(fitted, calib, spec, progress=False, refit=True)
+    name = "model.layers.0.self_attn.q_proj"
+    h = _hessian(fresh(setup), name, calib)
+    ref, _ = gptq_quantize_weight(refit_weight(before[name], h, h), h, spec, act_order=True)
+    assert torch.isclose(fitted.get_submodule(name).weight, ref, rtol=0, atol=1e-5).float().mean() >= 0.99
+    plain_ref, _ = gptq_quantize_weight(before[name], h, spec, act_order=True)
+    assert torch.equal(plain.get_submodule(name).weight, plain_ref)
+
+
+def test_evaluation_gptq_calibrates_with_the_settings_activation_quantizers(setup, monkeypatch):
+    """With refit (the default) GPTQ runs with the evaluation's activation and K/V quantizers and clip ratios on;
+    with gptq_kwargs refit=False, in float, as before; both record it."""
+    import spinlearn.gptq as gptq_mod
+    from spinlearn.quant import input_quantizer
+
+    _, calib, windows = setup
+    seen = []
+    real = gptq_mod.gptq_quantize_model
+
+    def spy(model, *args, **kwargs):
+        qp = input_quantizer(model.get_submodule("model.layers.0.self_attn.q_proj"))
+        seen.append((kwargs["refit"], None if qp is None else (qp.spec.bits, qp.spec.clip_ratio)))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_mod, "gptq_quantize_model", spy)
+    clips = {"model.layers.0.self_attn.q_proj.spinlearn_act": 0.8}
+    fitted = evaluate_setting(fresh(setup), windows, quant=q(4, 4, 4), w_method="gptq", calib_blocks=calib,
+                              activation_clips=clips, progress=False)
+    plain = evaluate_setting(fresh(setup), windows, quant=q(4, 4, 4), w_method="gptq", calib_blocks=calib,
+                             activation_clips=clips, gptq_kwargs={"refit": False}, progress=False)
+    assert seen == [(True, (4, pytest.approx(0.8))), (False, None)]
+    assert fitted["settings"]["gptq"]["refit"] is True and plain["settings"]["gptq"]["refit"] is False
+    assert fitted["ppl"] != plain["ppl"]
+
+
 def test_gptq_argument_errors(setup):
     model = fresh(setup)
     with pytest.raises(ValueError, match="GPTQ needs calibration data"):

@@ -126,7 +126,8 @@ def test_gptq_export_holds_gptq_weights_and_its_scales(tiny, tmp_path):
     _, dec = _decompress(out)
     ref = _folded(model, online)
     hooks = wrap_model(ref, online=online, online_in_weights=False)
-    gptq_quantize_model(ref, calib, resolve_scheme("w4a16", -1).quant.w, skip=["lm_head"], progress=False)
+    gptq_quantize_model(ref, calib, resolve_scheme("w4a16", -1).quant.w, skip=["lm_head"], progress=False,
+                        refit=True)  # quant.gptq.refit's default
     hooks.remove()
     for name, d in dec.items():
         assert torch.equal(d["weight"], ref.get_submodule(name).weight.detach()), name
@@ -207,12 +208,13 @@ def test_learned_weight_clips_set_the_exported_scales_on_their_grid_only(tiny, t
 
 def test_a_gptq_export_rounds_on_the_learned_weight_grid(tiny, tmp_path, capsys):
     """GPTQ exports of a run with learned weight clip ratios on their grid store the scales those ratios give
-    (decompressed by compressed-tensors), with GPTQ's integers: not round-to-nearest's values on that grid."""
+    (decompressed by compressed-tensors), with GPTQ's integers: not round-to-nearest's values on that grid. (Plain
+    GPTQ here; with quant.gptq.refit the ratios apply to the refitted weight, see tests/test_evaluate.py.)"""
     model, online = tiny
     ref, linears, clips = _learned_clips(model, online, seed=6)
     blocks = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     out = export_model(model, tmp_path / "gptq", scheme="w4a16", online=online, group_size=-1, w_method="gptq",
-                       calib_blocks=blocks, weight_clips=clips, progress=False)
+                       calib_blocks=blocks, weight_clips=clips, gptq_kwargs={"refit": False}, progress=False)
     assert "GPTQ rounds on the grid of the run's learned clip ratios (14 weights)" in capsys.readouterr().err
     _, dec = _decompress(out)
     spec = resolve_scheme("w4a16", -1).quant.w

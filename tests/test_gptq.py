@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spinlearn.gptq import HessianAccumulator, gptq_quantize_weight
-from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant, quantize_weight
+from spinlearn.gptq import HessianAccumulator, RefitAccumulator, gptq_quantize_weight, refit_weight
+from spinlearn.quant import QuantSpec, find_qparams, qrange, quant_dequant, quantize_activation, quantize_weight
 
 N_IN, N_OUT, N_TOKENS = 128, 48, 768
 
@@ -263,3 +263,69 @@ def test_hessian_accumulator_hook_and_empty() -> None:
     handle.remove()
     rows = x.reshape(-1, 16).double()
     torch.testing.assert_close(acc.hessian.double(), 2.0 / 10 * rows.T @ rows, rtol=1e-5, atol=1e-6)
+
+
+def quantized_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and what a per-token asymmetric int4 activation quantizer makes of them."""
+    x = correlated_inputs(seed)
+    return x, quantize_activation(x, QuantSpec(bits=4, sym=False))
+
+
+def refit_accumulator(x: torch.Tensor, xq: torch.Tensor) -> RefitAccumulator:
+    acc = RefitAccumulator()
+    for a, b in zip(x.split(200), xq.split(200)):
+        acc.add_pair(a, b)
+    return acc
+
+
+def test_refit_accumulator_matches_dense() -> None:
+    x, xq = quantized_pair()
+    acc = refit_accumulator(x, xq)
+    n = x.shape[0]
+    torch.testing.assert_close(acc.hessian.double(), 2.0 / n * xq.double().T @ xq.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.cross.double(), 2.0 / n * x.double().T @ xq.double(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"target inputs \(4, 128\) and quantized inputs \(4, 64\) differ"):
+        acc.add_pair(torch.randn(4, 128), torch.randn(4, 64))
+    with pytest.raises(RuntimeError, match="GPTQ needs calibration data"):
+        _ = RefitAccumulator().cross
+
+
+def test_refit_is_the_ridge_least_squares_fit() -> None:
+    """Undamped, W C H^-1 is argmin ||X W^T - Xq W'^T|| (float64 lstsq); with the ridge it is the ridge solution; for
+    float inputs (C = H) it is W undamped and W shrunk along the weakly excited input directions with the ridge."""
+    x, xq = quantized_pair()
+    w = layer()
+    acc = refit_accumulator(x, xq)
+    got = refit_weight(w.double(), acc.hessian, acc.cross, percdamp=0.0)
+    ls = torch.linalg.lstsq(xq.double(), x.double() @ w.double().T).solution.T
+    torch.testing.assert_close(got, ls, rtol=1e-3, atol=1e-4)
+    assert (got - w.double()).abs().max() > 1e-2  # the quantizer's error is worth correcting
+    n, lam = x.shape[0], 0.05 * acc.hessian.double().diagonal().mean()
+    ridge = torch.linalg.solve(xq.double().T @ xq.double() + n / 2 * lam * torch.eye(N_IN, dtype=torch.float64),
+                               xq.double().T @ x.double() @ w.double().T).T
+    torch.testing.assert_close(refit_weight(w.double(), acc.hessian, acc.cross, percdamp=0.05), ridge, rtol=1e-3,
+                               atol=1e-4)
+    h = hessian_of(x)
+    torch.testing.assert_close(refit_weight(w, h, h, percdamp=0.0), w, rtol=1e-3, atol=1e-4)
+    evals, vecs = torch.linalg.eigh(h.double())
+    shrunk = (refit_weight(w.double(), h, h) @ vecs).norm(dim=0) / (w.double() @ vecs).norm(dim=0)
+    torch.testing.assert_close(shrunk, evals / (evals + 0.01 * evals.mean()), rtol=1e-4, atol=1e-6)
+    assert shrunk[0] < 0.9 and shrunk[-1] > 0.999  # the weakest direction shrinks, the strongest stays
+    assert refit_weight(w, torch.zeros_like(h), torch.zeros_like(h)) is w  # no input energy: nothing to fit
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, group_size=32, sym=False)])
+def test_gptq_on_the_refit_weight_lowers_the_asymmetric_error(spec: QuantSpec) -> None:
+    """||X W^T - Xq Q^T||^2, the error of the deployed layer (quantized weights reading quantized inputs) against
+    the float layer: GPTQ on the refitted weight beats GPTQ on W with the same Hessian, and RTN."""
+    x, xq = quantized_pair(3)
+    w = layer(4)
+    acc = refit_accumulator(x, xq)
+
+    def err(q: torch.Tensor) -> float:
+        return (x.double() @ w.double().T - xq.double() @ q.double().T).pow(2).sum().item()
+
+    plain, _ = gptq_quantize_weight(w, acc.hessian, spec, act_order=True)
+    refit, _ = gptq_quantize_weight(refit_weight(w, acc.hessian, acc.cross), acc.hessian, spec, act_order=True)
+    assert err(refit) < 0.9 * err(plain) < 0.9 * err(quantize_weight(w, spec)), (err(refit), err(plain))
+    assert err(refit) < err(w)  # better than the float weight reading the quantized inputs

@@ -196,7 +196,10 @@ def test_guard_keeps_the_start_when_learning_made_it_worse(assets, tmp_path, mon
 
     monkeypatch.setattr(RotationJob, "_ppl", worse)
     out = tmp_path / "out"
-    assert run_main(assets, overrides_for(out, **{"eval.guard": "true", "eval.baselines": "true"})) == 0
+    # Plain GPTQ, so that the two GPTQ rows on the same matrices agree to float rounding: the refit calibrates on
+    # quantized activations, whose rounding turns the two folds' float-rounding differences into ~1% here.
+    overrides = {"eval.guard": "true", "eval.baselines": "true", "quant.gptq.refit": "false"}
+    assert run_main(assets, overrides_for(out, **overrides)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["guard"]["kept"] == "start" and metrics["ppl_quant_after"] == metrics["ppl_quant_before"]
     # The GPTQ rows come after the verdict: the learned one is GPTQ on the start matrices too, and says so.

@@ -64,7 +64,7 @@ def check_export_inputs(scheme: ExportScheme, w_method: str, calib_blocks: Tenso
 
 def _recipe_settings(recipe) -> dict:
     """What a resolved recipe says about an export: defaults for the keyword arguments of ``export_model``."""
-    from ..config import recipe_to_yaml
+    from ..config import gptq_kwargs, recipe_to_yaml
     from ..quant import gptq_clip_search
 
     g = recipe.quant.gptq
@@ -74,7 +74,7 @@ def _recipe_settings(recipe) -> dict:
             "w_grid": (recipe.quant.w_bits, recipe.quant.w_sym, recipe.quant.w_groupsize),
             "gptq_learned_grid": bool(g.learned_grid),
             "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
-            "gptq_kwargs": {"percdamp": g.percdamp, "block_size": g.block_size, "act_order": g.act_order}}
+            "gptq_kwargs": gptq_kwargs(g)}
 
 
 def export_w_method(scheme: str, w_method: str | None, recipe=None) -> str:
@@ -166,15 +166,21 @@ def carried_weight_clips(weight_clips: dict | None, s: ExportScheme, w_method: s
 
 def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blocks, gptq_kwargs, weight_clips,
                     progress):
-    """A copy of ``model`` with ``W H`` folded into the online linears, and the export values of its linears."""
+    """A copy of ``model`` with ``W H`` folded into the online linears, and the export values of its linears. GPTQ
+    with ``refit`` calibrates with the scheme's activation quantizers on (w8a8's int8; w4a16 has none, so its refit
+    is the ridge alone, see ``gptq.refit_weight``)."""
+    from ..config import gptq_kwargs as default_kwargs
     from ..fakequant import wrap_model
     from ..online import fold_online
+    from ..quant import QuantSettings
 
     work = copy.deepcopy(model).eval()
     fold_online(work, online)
     if not s.quantized:
         return {}, work
-    hooks = wrap_model(work, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
+    refit = w_method == "gptq" and {**default_kwargs(), **(gptq_kwargs or {})}["refit"]
+    calib = s.quant.for_calibration() if refit else QuantSettings()
+    hooks = wrap_model(work, quant=calib, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
     try:
         values = quantize_linears(work, list(linears), s, w_method=w_method, calib_blocks=calib_blocks,
                                   gptq_kwargs=gptq_kwargs, weight_clips=weight_clips, progress=progress)

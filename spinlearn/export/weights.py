@@ -77,11 +77,12 @@ def gptq_values(model: nn.Module, names: list[str], scheme: ExportScheme, calib_
     """GPTQ on ``model`` in place (online input hooks, if any, already installed), with contiguous groups
     (``static_groups`` when grouping with act_order), on the grid of a run's learned ``weight_clips`` (by weight
     name) where given, returning the values and the scales GPTQ used."""
+    from ..config import gptq_kwargs as default_kwargs
     from ..gptq import gptq_quantize_model
 
     if scheme.quant.w.format != "int":
         raise ValueError(f"GPTQ exports integer weights; scheme {scheme.name!r} uses round-to-nearest (--w-method rtn)")
-    kw = {"percdamp": 0.01, "block_size": 128, "act_order": True, **(gptq_kwargs or {})}
+    kw = {**default_kwargs(), **(gptq_kwargs or {})}
     if scheme.quant.w.group_size > 0 and kw["act_order"]:
         kw["static_groups"] = True  # groups of contiguous columns, as the checkpoint stores them
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
