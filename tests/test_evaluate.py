@@ -244,7 +244,9 @@ def test_evaluation_gptq_calibrates_with_the_settings_activation_quantizers(setu
 
     def spy(model, *args, **kwargs):
         qp = input_quantizer(model.get_submodule("model.layers.0.self_attn.q_proj"))
-        seen.append((kwargs["refit"], None if qp is None else (qp.spec.bits, qp.spec.clip_ratio)))
+        kv = getattr(model.get_submodule("model.layers.0.self_attn"), fakequant.KV_ATTR, None)
+        seen.append((kwargs["refit"], None if qp is None else (qp.spec.bits, qp.spec.clip_ratio),
+                     None if kv is None else kv.k_quant.spec.bits))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(gptq_mod, "gptq_quantize_model", spy)
@@ -253,7 +255,7 @@ def test_evaluation_gptq_calibrates_with_the_settings_activation_quantizers(setu
                               activation_clips=clips, progress=False)
     plain = evaluate_setting(fresh(setup), windows, quant=q(4, 4, 4), w_method="gptq", calib_blocks=calib,
                              activation_clips=clips, gptq_kwargs={"refit": False}, progress=False)
-    assert seen == [(True, (4, pytest.approx(0.8))), (False, None)]
+    assert seen == [(True, (4, pytest.approx(0.8)), 4), (False, None, None)]
     assert fitted["settings"]["gptq"]["refit"] is True and plain["settings"]["gptq"]["refit"] is False
     assert fitted["ppl"] != plain["ppl"]
 
