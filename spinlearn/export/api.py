@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..artifacts import (MODEL_DIR, RECIPE_FILE, WEIGHT_CLIPS_FILE, atomic_output_dir, atomic_write_text,
                          check_output_dir)
+from ..config import gptq_kwargs as default_gptq_kwargs
 from ..report import format_table
 from .compressed import checkpoint_tensors, quantization_config, write_checkpoint
 from .model_card import CardInfo, model_card
@@ -64,7 +65,7 @@ def check_export_inputs(scheme: ExportScheme, w_method: str, calib_blocks: Tenso
 
 def _recipe_settings(recipe) -> dict:
     """What a resolved recipe says about an export: defaults for the keyword arguments of ``export_model``."""
-    from ..config import gptq_kwargs, recipe_to_yaml
+    from ..config import recipe_to_yaml
     from ..quant import gptq_clip_search
 
     g = recipe.quant.gptq
@@ -74,7 +75,7 @@ def _recipe_settings(recipe) -> dict:
             "w_grid": (recipe.quant.w_bits, recipe.quant.w_sym, recipe.quant.w_groupsize),
             "gptq_learned_grid": bool(g.learned_grid),
             "base_model": str(recipe.model.path), "source": str(recipe.output_dir),
-            "gptq_kwargs": gptq_kwargs(g)}
+            "gptq_kwargs": default_gptq_kwargs(g)}
 
 
 def export_w_method(scheme: str, w_method: str | None, recipe=None) -> str:
@@ -112,7 +113,7 @@ def export_model(model: nn.Module, output: str | Path, *, scheme: str, online: l
     if group_size is None and scheme in GROUPED_SCHEMES:  # the recipe's group size is for the int4 schemes
         group_size = rs.get("group_size")
     w_clip = rs.get("gptq_w_clip" if w_method == "gptq" else "w_clip", False) if w_clip is None else w_clip
-    gptq_kwargs = gptq_kwargs or rs.get("gptq_kwargs")
+    gptq_kwargs = {**default_gptq_kwargs(), **(gptq_kwargs or rs.get("gptq_kwargs") or {})}
     if calib_blocks is not None and "nsamples" in rs:
         calib_blocks = calib_blocks[: rs["nsamples"]]
     s = resolve_scheme(scheme, group_size, w_clip=w_clip)
@@ -169,7 +170,6 @@ def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blo
     """A copy of ``model`` with ``W H`` folded into the online linears, and the export values of its linears. GPTQ
     with ``refit`` calibrates with the scheme's activation quantizers on (w8a8's int8; w4a16 has none, so its refit
     is the ridge alone, see ``gptq.refit_weight``)."""
-    from ..config import gptq_kwargs as default_kwargs
     from ..fakequant import wrap_model
     from ..online import fold_online
     from ..quant import QuantSettings
@@ -178,8 +178,7 @@ def _quantized_copy(model, s: ExportScheme, linears, online, w_method, calib_blo
     fold_online(work, online)
     if not s.quantized:
         return {}, work
-    refit = w_method == "gptq" and {**default_kwargs(), **(gptq_kwargs or {})}["refit"]
-    calib = s.quant.for_calibration() if refit else QuantSettings()
+    calib = s.quant.for_calibration() if w_method == "gptq" and gptq_kwargs["refit"] else QuantSettings()
     hooks = wrap_model(work, quant=calib, online=online, online_in_weights=False)  # x -> x H for GPTQ / calibration
     try:
         values = quantize_linears(work, list(linears), s, w_method=w_method, calib_blocks=calib_blocks,
