@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["CayleySGD", "MultiOptimizer", "max_orthogonality_error", "polar_orthonormalize"]
+__all__ = ["CayleySGD", "MultiOptimizer", "max_orthogonality_error", "polar_orthonormalize", "tangent_part"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,6 +85,17 @@ def max_orthogonality_error(params: Iterable[torch.Tensor] | torch.Tensor) -> fl
         eye = torch.eye(x64.shape[1], dtype=torch.float64, device=x64.device)
         worst = max(worst, (x64.T @ x64 - eye).abs().max().item())
     return worst
+
+
+def tangent_part(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The part of a Euclidean gradient ``g`` that moves ``x`` along the Stiefel manifold (X^T X = I): its
+    orthogonal projection onto the tangent space at x, g - X sym(X^T g), in x's compute dtype. The rest,
+    X sym(X^T g), would only stretch x off the manifold, so every optimizer here discards it; it can still be
+    most of ``g``'s norm (and of what gradient clipping measures)."""
+    dtype = _compute_dtype(x.dtype)
+    x, g = x.detach().to(dtype), g.detach().to(dtype)
+    xtg = x.T @ g
+    return g - x @ (0.5 * (xtg + xtg.T))
 
 
 class CayleySGD(Optimizer):

@@ -26,18 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CURVE_FIELDS", "PROFILE_KEYS", "SUMMARY_KEYS", "activation_profile", "log_to_wandb",
+__all__ = ["CURVE_FIELDS", "CURVE_PANELS", "PROFILE_KEYS", "SUMMARY_KEYS", "activation_profile", "log_to_wandb",
            "plot_outlier_profile", "plot_training_curve"]
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = 'matplotlib is not installed: pip install "spinlearn[plots]" to get the run\'s PNG pictures; skipped'
-# log_history field -> (panel title, log-scale y axis)
-CURVE_FIELDS = {
-    "loss": ("training loss", False),
-    "learning_rate": ("learning rate", False),
-    "max_orth_error": ("orthogonality error max|R^T R - I|", True),
-    "rot_grad_norm": ("rotation gradient norm", True),
-}
+# the training curve's panels: (title, log_history fields -> legend label (None: no legend), log-scale y axis)
+CURVE_PANELS = (
+    ("training loss", {"loss": None}, False),
+    ("learning rate", {"learning_rate": None}, False),
+    ("orthogonality error max|R^T R - I|", {"max_orth_error": None}, True),
+    ("rotation gradient norm", {"rot_grad_norm": "after clipping", "rot_tangent_grad_norm": "its tangent part"}, True),
+)
+CURVE_FIELDS = tuple(field for _, fields, _ in CURVE_PANELS for field in fields)
 # activation_profile's statistics -> axis label
 PROFILE_KEYS = {"max_median_ratio": "max / median channel magnitude", "kurtosis": "kurtosis"}
 # metrics.json keys (spinlearn.job) copied to the wandb summary besides the perplexity rows
@@ -79,17 +80,22 @@ def plot_training_curve(log_history: list[dict], path) -> Path | None:
         return None
     fig = Figure(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
-    for ax, (key, (title, log_y)) in zip(axes, CURVE_FIELDS.items()):
-        pts = [(e["step"], e[key]) for e in entries if key in e and e[key] is not None and math.isfinite(e[key])]
+    for ax, (title, fields, log_y) in zip(axes, CURVE_PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if not pts:
+        curves = {key: [(e["step"], e[key]) for e in entries if e.get(key) is not None and math.isfinite(e[key])]
+                  for key in fields}
+        curves = {key: pts for key, pts in curves.items() if pts}
+        if not curves:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
             continue
-        steps, values = zip(*pts)
-        ax.plot(steps, values, marker="." if len(pts) < 50 else None)
-        if log_y and all(v > 0 for v in values):
+        for key, pts in curves.items():
+            steps, values = zip(*pts)
+            ax.plot(steps, values, marker="." if len(pts) < 50 else None, label=fields[key])
+        if log_y and all(v > 0 for pts in curves.values() for _, v in pts):
             ax.set_yscale("log")
+        if any(fields[key] for key in curves):
+            ax.legend()
         ax.grid(True, alpha=0.3)
     return _save(fig, path)
 

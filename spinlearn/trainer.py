@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
-from .optim import CayleySGD, MultiOptimizer
+from .optim import CayleySGD, MultiOptimizer, tangent_part
 from .quant import quantizers_disabled
 from .rotations import RotationBank
 
@@ -71,8 +71,14 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str,
     return {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.norm(torch.stack([t.norm() for t in tensors]))) if tensors else 0.0
+
+
 class RotationLogger(TrainerCallback):
-    """Keeps what the rotation log fields need: the clipped rotation gradient norm and the training start time.
+    """Keeps what the rotation log fields need: the rotation gradient's norm after the Trainer's clipping
+    (``train.max_grad_norm`` acts on the Euclidean gradient), the norm of its tangent part (what moves the
+    rotations) and the training start time.
 
     The fields themselves are added in ``RotationTrainer.log``: a callback's ``on_log`` runs after the Trainer has
     stored the entry and after the reporting callbacks (wandb) have sent it, so additions there are lost."""
@@ -80,6 +86,7 @@ class RotationLogger(TrainerCallback):
     def __init__(self, trainer: RotationTrainer):
         self.trainer = trainer
         self.grad_norm = float("nan")
+        self.tangent_grad_norm = float("nan")
         self.t0: float | None = None
 
     def on_step_begin(self, args, state, control, **kw):
@@ -87,8 +94,9 @@ class RotationLogger(TrainerCallback):
             self.t0 = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
-        grads = [p.grad for p in self.trainer.bank.parameters() if p.grad is not None]
-        self.grad_norm = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        params = [p for p in self.trainer.bank.parameters() if p.grad is not None]
+        self.grad_norm = _global_norm([p.grad for p in params])
+        self.tangent_grad_norm = _global_norm([tangent_part(p, p.grad) for p in params])
 
 
 class RotationTrainer(Trainer):
@@ -173,6 +181,7 @@ class RotationTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training-step entries only (not the final summary)
             logs["rot_grad_norm"] = self.rotation_logger.grad_norm
+            logs["rot_tangent_grad_norm"] = self.rotation_logger.tangent_grad_norm
             logs["max_orth_error"] = self.bank.max_orthogonality_error()
             if self.scales is not None:
                 logs["scale_min"], logs["scale_max"] = self.scales.range()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spinlearn.optim import CayleySGD, max_orthogonality_error, polar_orthonormalize
+from spinlearn.optim import CayleySGD, max_orthogonality_error, polar_orthonormalize, tangent_part
 
 
 def random_orthogonal(n: int, p: int | None = None, *, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -341,6 +341,27 @@ def test_max_orthogonality_error_matches_dense_reference():
     assert max_orthogonality_error([x]) < 1e-14
     assert max_orthogonality_error([x, bumped]) == pytest.approx(expected, rel=1e-12)
     assert max_orthogonality_error([]) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (12, 5)])
+def test_tangent_part_is_the_orthogonal_projection_onto_the_tangent_space(shape):
+    n, p = shape
+    x = random_orthogonal(n, p, seed=23, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(24)
+    g = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    t = tangent_part(x, g)
+    # tangent at x: X^T T is skew-symmetric
+    torch.testing.assert_close(x.T @ t, -(x.T @ t).T, rtol=0, atol=1e-12)
+    # orthogonal: what it drops, X S with S symmetric, is normal to every tangent vector X A + (I - X X^T) B
+    a = torch.randn(p, p, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    v = x @ (a - a.T) + (torch.eye(n, dtype=torch.float64) - x @ x.T) @ b
+    assert abs(torch.sum((g - t) * v).item()) < 1e-10
+    torch.testing.assert_close(tangent_part(x, t), t, rtol=0, atol=1e-12)  # a projection
+    # a purely normal gradient (what stretching x would follow) has no tangent part
+    sym = a + a.T
+    assert tangent_part(x, x @ sym).abs().max().item() < 1e-12
+    assert tangent_part(x.float(), g.float()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("noise", [1e-3, 3e-2, 1.0])  # Newton-Schulz path, and the SVD fallback

@@ -20,7 +20,8 @@ RESIDUAL_READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 def _history(steps: int = 6) -> list[dict]:
     hist = [{"loss": 3.0 - 0.1 * s, "learning_rate": 1.5 * (1 - s / steps), "rot_grad_norm": 0.5 / (s + 1),
-             "max_orth_error": 1e-7 * (s + 1), "tokens_per_s": 100.0, "step": s, "epoch": 0.1 * s}
+             "rot_tangent_grad_norm": 0.1 / (s + 1), "max_orth_error": 1e-7 * (s + 1), "tokens_per_s": 100.0,
+             "step": s, "epoch": 0.1 * s}
             for s in range(1, steps + 1)]
     return hist + [{"train_runtime": 1.0, "train_loss": 2.7, "step": steps}]  # the final summary entry
 
@@ -40,6 +41,24 @@ def test_training_curve_png(tmp_path):
     assert img.std() > 0  # not a blank canvas
     with pytest.raises(ValueError, match="no training-step entries"):
         plots.plot_training_curve([{"train_runtime": 1.0, "step": 3}], tmp_path / "x.png")
+
+
+def test_training_curve_draws_both_gradient_norms_in_one_panel(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.plot_training_curve(_history(), tmp_path / "curve.png")
+    by_title = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    assert set(by_title) == {title for title, _, _ in plots.CURVE_PANELS}
+    grad = by_title["rotation gradient norm"]
+    assert [line.get_label() for line in grad.get_lines()] == ["after clipping", "its tangent part"]
+    assert list(grad.get_lines()[1].get_ydata()) == [0.1 / (s + 1) for s in range(1, 7)]
+    assert grad.get_legend() is not None and by_title["training loss"].get_legend() is None
+    # an older run's log without the tangent field still draws the clipped norm alone
+    figures.clear()
+    plots.plot_training_curve([{k: v for k, v in e.items() if k != "rot_tangent_grad_norm"} for e in _history()],
+                              tmp_path / "old.png")
+    grad = {ax.get_title(): ax for ax in figures[0].axes}["rotation gradient norm"]
+    assert [line.get_label() for line in grad.get_lines()] == ["after clipping"]
 
 
 def test_missing_matplotlib_logs_one_line_and_skips(tmp_path, monkeypatch, caplog):

@@ -158,6 +158,7 @@ def test_trainer_logs_rotation_fields(trained):
     for e in steps:
         assert e["max_orth_error"] <= 1e-5
         assert e["rot_grad_norm"] > 0 and math.isfinite(e["rot_grad_norm"])
+        assert 0 < e["rot_tangent_grad_norm"] <= e["rot_grad_norm"] * (1 + 1e-6)  # a projection's norm
         assert e["tokens_per_s"] > 0
 
 
