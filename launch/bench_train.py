@@ -19,6 +19,8 @@ build, one warm-up step, then the median of --repeats timed steps), so that its 
                        activations per token, K/V per head), R1 + per-layer R2 computed into the weights on the
                        fly, online R3/R4 Hadamards, CE loss, backward to the rotations, gradient clipping at 1.0
                        and a Cayley SGD step (with the per-step polar re-orthonormalisation).
+  * + learned          the W4A4KV4 step with what the shipped recipes learn beside the matrices: per-channel
+                       scales, one clip ratio per activation input and per weight row (Adam)
   * W16A4KV4           the same with 16-bit weights (recipes that run GPTQ after training), once with the matrices
                        computed into the weights and once on the activations around each quantizer
                        (``rotation.apply: activations``, the default for such recipes: spinlearn.activation_side).
@@ -63,10 +65,12 @@ MODES = {
     "float": "float fwd+bwd",
     "float_emb": "float fwd+bwd, emb grad only",
     "rotation": "rotation step, W4A4KV4 (weights)",
+    "rotation_learned": "rotation step, W4A4KV4 + learned scales and clip ratios (the recipes')",
     "rotation_w16": "rotation step, W16A4KV4 on the weights",
     "rotation_w16_act": "rotation step, W16A4KV4 on the activations",
 }
-ROTATION_QUANT = {"rotation": dict(w_bits=4, a_bits=4, kv_bits=4), "rotation_w16": dict(a_bits=4, kv_bits=4),
+ROTATION_QUANT = {"rotation": dict(w_bits=4, a_bits=4, kv_bits=4),
+                  "rotation_learned": dict(w_bits=4, a_bits=4, kv_bits=4), "rotation_w16": dict(a_bits=4, kv_bits=4),
                   "rotation_w16_act": dict(a_bits=4, kv_bits=4)}
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -223,7 +227,7 @@ def profile_step(step, rows: int = 18) -> str:
 def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
                 r4=not args.no_r4, profile=args.profile and mode.startswith("rotation"), checkpointing=checkpointing,
-                layers=args.layers)
+                layers=args.layers, scales=mode == "rotation_learned")
     try:
         return _run_child(spec)
     except RuntimeError as e:

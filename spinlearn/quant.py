@@ -12,7 +12,7 @@ One integer grid is used everywhere (training loss, evaluation and GPTQ):
 Statistics are taken per row of the last dimension (per output channel for a weight
 [out, in], per token for an activation), or per group of `group_size` consecutive entries of
 the last dimension. Scales are computed without gradients; the STE makes the backward pass
-the identity: ``x + (x_hat - x).detach()``.
+the identity (``RoundThroughScale``: one autograd node whose forward is exactly x_hat).
 """
 
 from __future__ import annotations
@@ -132,6 +132,15 @@ def _params_for_ratio(xmin: Tensor, xmax: Tensor, ratio: Tensor | float, bits: i
 
 
 @torch.no_grad()
+def _range_with_zero(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of the last dim (keepdim): min(x, 0) and max(x, 0), so the grid always holds 0. (amin and amax, not
+    torch.aminmax: on CPU over short rows the fused op was several times slower than the two.)"""
+    zero_t = torch.zeros((), dtype=x.dtype, device=x.device)
+    return (torch.minimum(x.amin(dim=-1, keepdim=True), zero_t),
+            torch.maximum(x.amax(dim=-1, keepdim=True), zero_t))
+
+
+@torch.no_grad()
 def find_qparams(
     x: Tensor, bits: int, sym: bool, clip_ratio: float | Tensor = 1.0, mse: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -141,9 +150,7 @@ def find_qparams(
     with the smallest sum |x_hat - x|^2.4, like GPTQ's reference quantizer.
     """
     x = x.detach().to(_compute_dtype(x))
-    zero_t = torch.zeros((), dtype=x.dtype, device=x.device)
-    xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zero_t)
-    xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zero_t)
+    xmin, xmax = _range_with_zero(x)
     scale, zero = _params_for_ratio(xmin, xmax, clip_ratio, bits, sym)
     if not mse:
         return scale, zero
@@ -169,6 +176,36 @@ def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) 
     return scale * (q - zero)
 
 
+class RoundThroughScale(torch.autograd.Function):
+    """``quant_dequant`` (the same operations, so the same bits) with the straight-through estimator, as one
+    autograd node: to ``x`` the identity; to ``scale``, when it has a gradient (a learned clip ratio), the derivative
+    of scale * (clamp(round(u) + zero) - zero), u = x / scale, with round's derivative taken as 1: (q - zero) - u
+    inside the grid, (q - zero) where clamped. ``zero`` takes no gradient. Keeps one tensor of x's size for the
+    backward pass, and only for a scale with a gradient: a learned activation clip on a [4, 256, 768] float32 input
+    now keeps 1.0x the input's bytes, where the element-wise autograd graph this replaced kept 3.0x (and ran about
+    twice the element-wise passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+        u = x / scale
+        q = torch.round(u).add_(zero)
+        inside = (q >= qmin) & (q <= qmax) if ctx.needs_input_grad[1] else None
+        q = q.clamp_(qmin, qmax).sub_(zero)
+        out = scale * q
+        if inside is not None:
+            ctx.scale_shape = scale.shape
+            ctx.save_for_backward(q.sub_(u.mul_(inside)))  # d out / d scale, element-wise
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            (d_scale,) = ctx.saved_tensors
+            grad_scale = (grad * d_scale).sum_to_size(ctx.scale_shape)
+        return grad, grad_scale, None, None, None
+
+
 def _check_groups(n: int, group_size: int, what: str) -> None:
     if n % group_size != 0:
         raise ValueError(
@@ -189,11 +226,9 @@ def _fake_quantize_rows(x: Tensor, bits: int, sym: bool, clip_ratio: float, mse:
     xf = x.to(_compute_dtype(x))
     shape = xf.shape
     grouped = xf.reshape(*shape[:-1], shape[-1] // group, group)
-    with torch.no_grad():
-        scale, zero = find_qparams(grouped, bits, sym, clip_ratio, mse)
-        xq = quant_dequant(grouped, scale, zero, *qrange(bits, sym)).reshape(shape)
+    scale, zero = find_qparams(grouped, bits, sym, clip_ratio, mse)
     # Straight-through estimator: forward = x_hat, backward = identity.
-    return (xf + (xq - xf).detach()).to(x.dtype)
+    return RoundThroughScale.apply(grouped, scale, zero, *qrange(bits, sym)).reshape(shape).to(x.dtype)
 
 
 def fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
@@ -294,19 +329,9 @@ def fake_quantize_learned_clip(x: Tensor, spec: QuantSpec, ratio: Tensor) -> Ten
     group = _group_of(n, spec)
     xf = x.to(_compute_dtype(x))
     g = xf.reshape(*xf.shape[:-1], n // group, group)
-    qmin, qmax = qrange(spec.bits, spec.sym)
-    with torch.no_grad():
-        zero_t = torch.zeros((), dtype=g.dtype, device=g.device)
-        xmin = torch.minimum(g.amin(dim=-1, keepdim=True), zero_t)
-        xmax = torch.maximum(g.amax(dim=-1, keepdim=True), zero_t)
+    xmin, xmax = _range_with_zero(g)
     scale, zero = _params_for_ratio(xmin, xmax, ratio.to(g.dtype), spec.bits, spec.sym)
-    zero = zero.detach()
-    with torch.no_grad():
-        xq = quant_dequant(g, scale, zero, qmin, qmax)
-    u = g.detach() / scale
-    q = torch.clamp(u + (torch.round(u) - u).detach() + zero, qmin, qmax)
-    through_scale = scale * (q - zero)  # value ~ xq; carries the gradient to the ratio only
-    out = g + (xq - g).detach() + (through_scale - through_scale.detach())
+    out = RoundThroughScale.apply(g, scale, zero.detach(), *qrange(spec.bits, spec.sym))
     return out.reshape(xf.shape).to(x.dtype)
 
 

@@ -147,12 +147,16 @@ class RotationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
         self.tokens_seen += input_ids.numel() * self.args.world_size
-        outputs = model(input_ids=input_ids, labels=inputs.get("labels", input_ids))
-        loss = self.ce_weight * outputs.loss
+        # Distillation alone (ce_weight 0) passes no labels: the model then skips its cross-entropy.
+        outputs = model(input_ids=input_ids, labels=inputs.get("labels", input_ids) if self.ce_weight > 0 else None)
+        terms = [self.ce_weight * outputs.loss] if self.ce_weight > 0 else []
         if self.kl_weight > 0:
             with torch.no_grad(), quantizers_disabled(self.accelerator.unwrap_model(model)):
                 teacher = model(input_ids=input_ids).logits
-            loss = loss + self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk)
+            terms.append(self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk))
+        if not terms:
+            raise ValueError("RotationTrainer: ce_weight and kl_weight are both 0, so there is no loss to train on")
+        loss = sum(terms[1:], terms[0])
         mean_loss = self._mean_over_ranks(loss)
         if not math.isfinite(mean_loss):
             local = float(loss.detach())  # finite here when another rank hit the non-finite loss

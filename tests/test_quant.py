@@ -333,3 +333,47 @@ def test_weight_clip_per_row_and_group_is_the_float64_grid_and_its_qparams(group
         quantize_weight(w, spec, torch.ones(6, 3))
     with pytest.raises(ValueError, match="without mse_clip"):
         quantize_weight(w, QuantSpec(bits=4, group_size=group, mse_clip=True), clip.detach())
+
+
+# ------------------------------------------------------------------------------ the STE node itself
+def _saved_tensor_count(fn) -> int:
+    """How many tensors autograd keeps for the backward pass while ``fn`` runs."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return count
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_round_through_scale_is_quant_dequant_and_saves_one_tensor_only_for_a_learned_scale(sym):
+    """The forward is quant_dequant bit for bit (float32, outliers clamped); the backward is the identity to x and
+    the float64 LSQ term to the scale; nothing is kept for a scale without a gradient (fixed-clip quantizers)."""
+    from spinlearn.quant import RoundThroughScale, qrange, quant_dequant
+
+    qmin, qmax = qrange(4, sym)
+    x = (_outlier_tokens(torch.float32) * 1.7).reshape(6, 4, 8)  # [tokens, groups, group]
+    scale = (x.abs().amax(-1, keepdim=True) * 0.7 / 7).requires_grad_(True)  # clips the large entries
+    zero = torch.zeros_like(scale) if sym else torch.full_like(scale, 8.0)
+    xg = x.clone().requires_grad_(True)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    out = RoundThroughScale.apply(xg, scale, zero, qmin, qmax)
+    assert torch.equal(out, quant_dequant(x, scale.detach(), zero, qmin, qmax))
+    (out * weights).sum().backward()
+    assert torch.equal(xg.grad, weights)
+    s, w, x64, z = scale.detach().double(), weights.double(), x.double(), zero.double()
+    u = x64 / s
+    q = torch.round(u) + z
+    inside = (q >= qmin) & (q <= qmax)
+    expected = (w * torch.where(inside, q - z - u, q.clamp(qmin, qmax) - z)).sum(-1, keepdim=True)
+    assert (~inside).sum() >= 4  # some entries really are clamped
+    torch.testing.assert_close(scale.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+    learned = _saved_tensor_count(lambda: RoundThroughScale.apply(xg, scale, zero, qmin, qmax))
+    fixed = _saved_tensor_count(lambda: RoundThroughScale.apply(xg, scale.detach(), zero, qmin, qmax))
+    assert (learned, fixed) == (1, 0)

@@ -230,14 +230,16 @@ def test_optimizers_stay_orthogonal_100_steps_at_lr_1_5(setup, name, momentum):
 
 
 # ------------------------------------------------------------------------------------------------------ loss
-def test_compute_loss_is_ce_plus_kl_to_the_float_model(setup, tmp_path):
+@pytest.mark.parametrize("ce_weight, kl_weight", [(0.4, 0.7), (0.0, 1.0)])
+def test_compute_loss_is_ce_plus_kl_to_the_float_model(setup, tmp_path, ce_weight, kl_weight):
     """loss = ce_weight * CE(quantized) + kl_weight * KL(float || quantized), the float teacher being the same
-    wrapped model with every quantizer off; checked against the original, never-rotated model in float64."""
+    wrapped model with every quantizer off; checked against the original, never-rotated model in float64. With
+    ce_weight 0 (distillation alone, the demo recipe's loss) the loss is the KL term alone."""
     bank, handle = setup.wrap(setup.hadamard(2))
     try:
         trainer = RotationTrainer(
             model=setup.model, args=trainer_args(tmp_path, steps=1), train_dataset=TokenBlockDataset(setup.train_ids),
-            bank=bank, kl_weight=0.7, ce_weight=0.4,
+            bank=bank, kl_weight=kl_weight, ce_weight=ce_weight,
         )
         ids = setup.train_ids[:3]
         loss = trainer.compute_loss(setup.model, {"input_ids": ids, "labels": ids})
@@ -248,10 +250,24 @@ def test_compute_loss_is_ce_plus_kl_to_the_float_model(setup, tmp_path):
         ce = -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()  # next-token CE, HF's shift
         kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
         assert kl > 1e-3  # quantization changes the distribution: the KL term is not trivially 0
-        assert loss.item() == pytest.approx((0.4 * ce + 0.7 * kl).item(), rel=1e-4)
+        assert loss.item() == pytest.approx((ce_weight * ce + kl_weight * kl).item(), rel=1e-4)
         assert trainer.tokens_seen == ids.numel()
         loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bank.parameters())
+    finally:
+        setup.unwrap(handle)
+
+
+def test_no_loss_term_is_refused(setup, tmp_path):
+    bank, handle = setup.wrap(setup.hadamard(0))
+    try:
+        trainer = RotationTrainer(
+            model=setup.model, args=trainer_args(tmp_path, steps=1), train_dataset=TokenBlockDataset(setup.train_ids),
+            bank=bank, kl_weight=0.0, ce_weight=0.0,
+        )
+        ids = setup.train_ids[:1]
+        with pytest.raises(ValueError, match="ce_weight and kl_weight are both 0"):
+            trainer.compute_loss(setup.model, {"input_ids": ids, "labels": ids})
     finally:
         setup.unwrap(handle)
 
