@@ -50,6 +50,7 @@ def switches(*on: str) -> list[str]:
 
 
 SCALES, A_CLIP, W_CLIP, KV_CLIP = SWITCHES
+W_FULL = "quant.w_clip_init=full"  # learned weight clips start at 0.99 (the demo recipe's MSE start is its own cell)
 CELLS = {
     "learned R1/R2": [*switches(), *CE],
     "+ scales": [*switches(SCALES), *CE],
@@ -58,8 +59,11 @@ CELLS = {
     "+ scales + clip": [*switches(SCALES, A_CLIP), *CE],
     "+ scales + KL + clip": [*switches(SCALES, A_CLIP), *KL],
     "+ scales + clip + KV clip": [*switches(SCALES, A_CLIP, KV_CLIP), *CE],
-    "+ scales + clip + weight clip": [*switches(SCALES, A_CLIP, W_CLIP), *CE],
-    "+ scales + clip + weight clip + KV clip": [*switches(SCALES, A_CLIP, W_CLIP, KV_CLIP), *CE],
+    "+ scales + clip + weight clip": [*switches(SCALES, A_CLIP, W_CLIP), *CE, W_FULL],
+    "+ scales + clip + weight clip + KV clip": [*switches(SCALES, A_CLIP, W_CLIP, KV_CLIP), *CE, W_FULL],
+    "+ scales + KL + clip + weight clip + KV clip": [*switches(SCALES, A_CLIP, W_CLIP, KV_CLIP), *KL, W_FULL],
+    "+ scales + KL + clip + weight clip (MSE start) + KV clip": [*switches(SCALES, A_CLIP, W_CLIP, KV_CLIP), *KL,
+                                                                 "quant.w_clip_init=mse"],
 }
 ONLINE = {"off": ["rotation.r3=false", "rotation.r4=false"], "on": ["rotation.r3=true", "rotation.r4=true"]}
 QUIET = ["train.report_to=[none]", "export.schemes=[]", "overwrite_output_dir=true"]

@@ -23,6 +23,9 @@ QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
 EXPORT_SCHEMES = ("w4a16", "w8a8", "nvfp4", "float")
 # Optimizers for the rotations.
 ROTATION_OPTIMIZERS = ("cayley_sgd", "riemannian_sgd", "riemannian_adam")
+# Where learned weight clip ratios start (recipe ``quant.w_clip_init``): the full range (LEARNED_CLIP_DEFAULT), or
+# each row's (group's) ratio from the MSE clip search on the start rotation's weights.
+WEIGHT_CLIP_INITS = ("full", "mse")
 # How learned per-channel scales start (recipe ``rotation.scales_init``): all ones, or SmoothQuant's alpha rule.
 SCALES_INITS = ("ones", "smoothquant")
 # Where the learned matrices act while training (recipe ``rotation.apply``; see ``spinlearn.activation_side``).

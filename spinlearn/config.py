@@ -40,7 +40,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .choices import EXPORT_SCHEMES, QUANT_FORMATS, ROTATION_MODES, ROTATION_OPTIMIZERS, TRAIN_DTYPES, WEIGHT_METHODS, check_bits
-from .choices import DEVICE_MAPS, ROTATION_APPLY, SCALES_INITS
+from .choices import DEVICE_MAPS, ROTATION_APPLY, SCALES_INITS, WEIGHT_CLIP_INITS
 
 __all__ = [
     "RecipeError",
@@ -139,6 +139,7 @@ class QuantConfig:
     w_clip: bool = False  # MSE clip search for weights
     learn_w_clip: bool = False  # learn a clip ratio per weight row (group) for RTN weights; RTN exports carry it
     w_clip_lr: float = 0.1  # Adam learning rate of the weight clip logits (learn_w_clip; 0.01 barely moves them, demo)
+    w_clip_init: str = "full"  # with learn_w_clip, where they start: full (0.99) | mse (each row's MSE clip search)
     a_sym: bool = False
     a_clip: float = 1.0  # clip ratio for activations
     learn_a_clip: bool = False  # learn one clip ratio per linear input (sigmoid; starts at a_clip, or 0.99 when 1)
@@ -580,6 +581,7 @@ def _check_values(cfg: DictConfig, errors: list[str]) -> None:
              "learned grid (w_method gptq: GPTQ after training, rounding on that grid, quant.gptq.learned_grid)")
         need(not q.w_clip, "quant.learn_w_clip", "learns the clip ratio that quant.w_clip searches for: set one of "
              "them, not both")
+    one_of("quant.w_clip_init", WEIGHT_CLIP_INITS)
     positive("quant.gptq.nsamples")
     positive("quant.gptq.block_size")
     need(0 <= q.gptq.percdamp < 1, "quant.gptq.percdamp", "must be in [0, 1) (fraction of mean diagonal)")

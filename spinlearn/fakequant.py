@@ -27,7 +27,7 @@ from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
 from .quant import (INPUT_QUANT_ATTR, ActQuantizer, QuantSettings, QuantSpec, clip_from_logit, clip_logit_start,
-                    quantize_weight, weight_groups)
+                    mse_clip_ratio, quantize_weight, weight_groups)
 from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
@@ -65,6 +65,13 @@ class RotateQuantWeight(nn.Module):
         return self.fixed_clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        x = self.transformed(w)
+        if self.quant_enabled and self.wspec is not None and self.wspec.enabled and x.ndim >= 2:
+            x = quantize_weight(x.reshape(-1, x.shape[-1]), self.wspec, self.clip_ratio()).reshape(x.shape)
+        return x.to(w.dtype)
+
+    def transformed(self, w: torch.Tensor) -> torch.Tensor:
+        """What the weight quantizer reads: S_out^-1 R_out^T W R_in S_in [H_online], in float32 (float64 stays)."""
         x = w.float() if w.dtype in (torch.bfloat16, torch.float16) else w
         if self.in_inst is not None:
             # .to(x): the weight's dtype and device (under a device map the bank sits on the first GPU)
@@ -75,9 +82,15 @@ class RotateQuantWeight(nn.Module):
             x = self.scales.apply(x, self.in_scale, self.in_axis, self.out_scale, self.out_axis)
         if self.online_in:
             x = fast_hadamard_transform(x)  # W <- W H: the input is transformed by H online
-        if self.quant_enabled and self.wspec is not None and self.wspec.enabled and x.ndim >= 2:
-            x = quantize_weight(x.reshape(-1, x.shape[-1]), self.wspec, self.clip_ratio()).reshape(x.shape)
-        return x.to(w.dtype)
+        return x
+
+    @torch.no_grad()
+    def mse_clip_start(self, w: torch.Tensor) -> torch.Tensor:
+        """The clip ratio per row and group [rows, groups] that the MSE search (``quant.mse_clip_ratio``) picks for
+        ``transformed(w)``: the learned weight clips' start with ``quant.w_clip_init: mse``."""
+        x = self.transformed(w)
+        rows, groups = self.clip_logit.shape
+        return mse_clip_ratio(x.reshape(rows, groups, -1), self.wspec.bits, self.wspec.sym).squeeze(-1)
 
 
 class KVQuantizers(nn.Module):
@@ -536,6 +549,27 @@ def weight_quantizers(model: nn.Module) -> dict[str, RotateQuantWeight]:
 def weight_clip_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Weight name -> its learnable clip logit [rows, groups] (``wrap_model(learn_w_clip=True)``), in model order."""
     return {n: q.clip_logit for n, q in weight_quantizers(model).items() if q.clip_logit is not None}
+
+
+@torch.no_grad()
+def start_weight_clips_at_mse(model: nn.Module) -> torch.Tensor | None:
+    """Start every learnable weight clip ratio at the MSE search's ratio per row and group of the weight its quantizer
+    reads now (the start rotations and scales, any online Hadamard; ``RotateQuantWeight.mse_clip_start``) instead of
+    LEARNED_CLIP_DEFAULT. A sharded (FSDP2) weight is gathered whole, one at a time: every rank must call this.
+    Returns every ratio set, flattened (None when nothing learns weight clips)."""
+    from torch.distributed.tensor import DTensor
+
+    ratios = []
+    for name, q in weight_quantizers(model).items():
+        if q.clip_logit is None:
+            continue
+        owner_name, pname = name.rsplit(".", 1) if "." in name else ("", name)
+        w = model.get_submodule(owner_name).parametrizations[pname].original
+        ratio = q.mse_clip_start(w.full_tensor() if isinstance(w, DTensor) else w)
+        local = q.clip_logit.to_local() if isinstance(q.clip_logit, DTensor) else q.clip_logit
+        local.copy_(clip_logit_start(ratio).to(local))
+        ratios.append(ratio.flatten().cpu())
+    return torch.cat(ratios) if ratios else None
 
 
 @torch.no_grad()

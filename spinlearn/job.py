@@ -208,6 +208,8 @@ class RotationJob:
 
         with self._view(attach, prepared=True) as (model, handle):
             scales = handle.scales
+            if cfg.quant.learn_w_clip and cfg.quant.w_clip_init == "mse":
+                self._mse_weight_clips(model)
             if self.windows is not None:
                 label = f"{self.quant.name} RTN, {ROTATION_MODE_LABELS[cfg.rotation.init]} rotation"
                 with learned_extras_off(model):  # the start row: the rotation alone (what the guard keeps)
@@ -352,6 +354,16 @@ class RotationJob:
             weight_clips=weight_clips, weight_clips_lr=cfg.quant.w_clip_lr,
             callbacks=self.callbacks or None,
         )
+
+    def _mse_weight_clips(self, model) -> None:
+        """``quant.w_clip_init: mse``: the learned weight clip ratios start at the MSE search's (a resumed run then
+        loads its checkpoint's over them)."""
+        from .fakequant import start_weight_clips_at_mse
+
+        ratios = start_weight_clips_at_mse(model)
+        if ratios is not None:
+            _log(f"weight clips: {ratios.numel()} ratios start at the MSE search's (min {ratios.min():.2f}, mean "
+                 f"{ratios.mean():.2f}, max {ratios.max():.2f})", self.main)
 
     def _record_extras(self, scales) -> None:
         """metrics.json: how many scale vectors / clip ratios were learned and their range."""

@@ -30,6 +30,7 @@ __all__ = [
     "QuantSpec",
     "qrange",
     "find_qparams",
+    "mse_clip_ratio",
     "quant_dequant",
     "fake_quantize",
     "quantize_weight",
@@ -151,11 +152,27 @@ def find_qparams(
     """
     x = x.detach().to(_compute_dtype(x))
     xmin, xmax = _range_with_zero(x)
-    scale, zero = _params_for_ratio(xmin, xmax, clip_ratio, bits, sym)
     if not mse:
-        return scale, zero
+        return _params_for_ratio(xmin, xmax, clip_ratio, bits, sym)
+    scale, zero, _ = _mse_search(x, xmin, xmax, bits, sym, clip_ratio)
+    return scale, zero
+
+
+@torch.no_grad()
+def mse_clip_ratio(x: Tensor, bits: int, sym: bool) -> Tensor:
+    """The clip ratio per row of the last dim of `x` ([..., 1]) that ``find_qparams(..., mse=True)`` picks: the
+    shrink factor of 1.00 .. 0.20 with the smallest sum |x_hat - x|^2.4 (the learned weight clips' MSE start)."""
+    x = x.detach().to(_compute_dtype(x))
+    return _mse_search(x, *_range_with_zero(x), bits, sym, 1.0)[2]
+
+
+def _mse_search(x: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sym: bool,
+                clip_ratio: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, zero, ratio) per row: the grid search of ``find_qparams``'s `mse` option."""
     qmin, qmax = qrange(bits, sym)
+    scale, zero = _params_for_ratio(xmin, xmax, clip_ratio, bits, sym)
     best = torch.full_like(scale, float("inf"))
+    best_step = torch.zeros_like(scale)
     n_steps = round((1.0 - MSE_CLIP_MIN_SHRINK) * MSE_CLIP_GRID)
     for i in range(n_steps + 1):
         ratio = clip_ratio * (1.0 - i / MSE_CLIP_GRID)
@@ -165,9 +182,10 @@ def find_qparams(
         err = err.abs_().pow_(MSE_CLIP_NORM).sum(dim=-1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
+        best_step = torch.where(better, float(i), best_step)
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
-    return scale, zero
+    return scale, zero, clip_ratio * (1.0 - best_step / MSE_CLIP_GRID)
 
 
 def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -335,8 +353,12 @@ def fake_quantize_learned_clip(x: Tensor, spec: QuantSpec, ratio: Tensor) -> Ten
     return out.reshape(xf.shape).to(x.dtype)
 
 
-def clip_logit_start(ratio: float) -> float:
-    """The logit whose sigmoid is ``ratio`` (a ratio of 1 starts at LEARNED_CLIP_DEFAULT: a sigmoid never reaches 1)."""
+def clip_logit_start(ratio: float | Tensor) -> float | Tensor:
+    """The logit whose sigmoid is ``ratio`` (a ratio of 1 starts at LEARNED_CLIP_DEFAULT: a sigmoid never reaches 1);
+    a tensor of ratios gives a float64 tensor of logits."""
+    if isinstance(ratio, Tensor):
+        r = torch.where(ratio < 1, ratio.double(), LEARNED_CLIP_DEFAULT)
+        return (r / (1.0 - r)).log()
     r = float(ratio) if ratio < 1 else LEARNED_CLIP_DEFAULT
     return torch.tensor(r / (1.0 - r), dtype=torch.float64).log().item()
 

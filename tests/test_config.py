@@ -350,12 +350,15 @@ def test_resume_from_checkpoint_values(tmp_path: Path, value: str, expected):
         (["quant.learn_w_clip=true", "quant.w_clip=true"], r"quant\.learn_w_clip: learns the clip ratio that "
                                                            r"quant\.w_clip searches for"),
         (["quant.w_clip_lr=0"], r"quant\.w_clip_lr: must be > 0"),
+        (["quant.learn_w_clip=true", "quant.w_clip_init=max"], r"quant\.w_clip_init: must be one of full \| mse"),
     ],
 )
 def test_learned_weight_clip_settings_are_checked(tmp_path: Path, overrides, pattern):
     with pytest.raises(RecipeError, match=pattern):
         load_recipe(write(tmp_path, MINIMAL), overrides)
     assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true"]).quant.learn_w_clip is True
+    assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true", "quant.w_clip_init=mse"]).quant.w_clip_init \
+        == "mse"
     # Trained against round-to-nearest on the learned grid, deployed by GPTQ (with its own clip search).
     assert load_recipe(write(tmp_path, MINIMAL), ["quant.learn_w_clip=true", "quant.w_method=gptq"]).quant.learn_w_clip
 

@@ -257,3 +257,34 @@ def test_kv_clip_ratios_are_learned_and_reproduced_by_the_activation_clip_table(
     handle, fixed, again = _rewrapped(model, ids, table, set_activation_clips, r3=True)
     assert torch.allclose(again, learned, rtol=0, atol=1e-6) and (fixed - learned).abs().max() > 1e-2
     handle.remove()
+
+
+def test_mse_weight_clip_start_is_the_search_on_the_weights_the_quantizers_read():
+    """quant.w_clip_init mse: every learned weight clip ratio starts at the MSE search's ratio for its row of the
+    weight its quantizer reads, here against a float64 fold of the start matrices with R4's Hadamard folded into
+    down_proj (``fold_online``), instead of at LEARNED_CLIP_DEFAULT."""
+    from spinlearn.fakequant import rotations_attached, start_weight_clips_at_mse, weight_clip_table
+    from spinlearn.fusion import fold_rotations
+    from spinlearn.online import fold_online, online_linears
+    from spinlearn.quant import LEARNED_CLIP_DEFAULT, mse_clip_ratio
+
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = prepare_model(model, layout_for("llama"))
+    matrices = make_matrices(plan, mode="hadamard", seed=0)
+    online = online_linears(model, r4=True)
+    reference, ref_plan = copy.deepcopy((model, plan))
+    fold_rotations(ref_plan.placements, matrices, True)
+    fold_online(reference, online)
+    with rotations_attached(model, plan, matrices, quant=W4A4KV4, online=online, learn_w_clip=True):
+        before = weight_clip_table(model)
+        ratios = start_weight_clips_at_mse(model)
+        after = weight_clip_table(model)
+    assert all(torch.allclose(r, torch.full_like(r, LEARNED_CLIP_DEFAULT)) for r in before.values())
+    assert len(after) == 2 * 7 and ratios.numel() == sum(r.numel() for r in after.values())
+    for name, got in after.items():
+        w = reference.get_parameter(name).detach()
+        want = mse_clip_ratio(w.reshape(*got.shape, -1), 4, True).squeeze(-1).clamp(max=LEARNED_CLIP_DEFAULT)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6, msg=name)
+    assert ratios.min() < 0.9  # the search clipped rows the 0.99 start did not
+    with rotations_attached(model, plan, matrices, quant=W4A4KV4, learn_w_clip=False):
+        assert start_weight_clips_at_mse(model) is None

@@ -164,6 +164,23 @@ def test_fsdp_replicates_learned_scales_and_clip_ratios_like_a_one_process_run(a
         assert rel_err(exported(input_ids=IDS).logits, original_logits(assets)) <= 1e-4
 
 
+def test_fsdp_starts_the_weight_clips_at_the_one_process_mse_search(assets, tmp_path):
+    """quant.w_clip_init mse under FSDP: every rank gathers each sharded weight whole for the MSE search, so every
+    rank starts from the one-process ratios (a learning rate that cannot move them keeps the start to the end)."""
+    extras = {"quant.learn_w_clip": "true", "quant.w_clip_init": "mse", "quant.w_clip_lr": "1e-12", "data.eval": "null"}
+    fsdp, dumps, single = tmp_path / "fsdp", tmp_path / "ranks", tmp_path / "single"
+    launch_fsdp(assets, fsdp, dumps, **extras)
+    rank0, rank1 = (load_file(dumps / f"rank{r}.safetensors") for r in (0, 1))
+    wclips = [k for k in rank0 if k.startswith("wclip")]
+    assert wclips and all(torch.equal(rank0[k], rank1[k]) for k in wclips)
+    assert run_main(assets, overrides_for(single, **STEPS, **extras, **{"train.per_device_train_batch_size": 4})) == 0
+    a, b = load_file(fsdp / WEIGHT_CLIPS_FILE), load_file(single / WEIGHT_CLIPS_FILE)
+    assert a.keys() == b.keys() and len(a) == 2 * 7
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert min(v.min().item() for v in a.values()) < 0.9  # the search's start, not 0.99
+
+
 def test_fsdp_with_the_rotations_on_the_activations_trains_like_one_process(assets, tmp_path):
     """A W16A4KV4 recipe trains on the activations (rotation.apply auto): no weight is parametrized, FSDP shards the
     plain weights, and the matrices stay bit-identical on the ranks and equal a one-process run's."""
@@ -196,7 +213,7 @@ def test_fsdp_on_the_demo_model_equals_ddp_and_exports_its_fold(assets, tmp_path
     demo = ROOT / "spinlearn" / "demo"
     short = {"model.path": demo / "model", "data.train": demo / "data" / "train.txt",
              "data.eval": demo / "data" / "test.txt", "data.nsamples": 16, "data.eval_max_windows": 3,
-             "eval.baselines": "false", "export.schemes": "[]"}
+             "eval.baselines": "false", "export.schemes": "[]", "eval.guard": "false"}  # 4 steps: keep what they learn
     runs = {}
     for name, config in (("fsdp", "cpu_2proc_fsdp.yaml"), ("ddp", "cpu_2proc.yaml")):
         launch_fsdp(assets, tmp_path / name, tmp_path / f"{name}_ranks", recipe=ROOT / "recipes" / "demo.yaml",

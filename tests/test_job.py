@@ -89,6 +89,38 @@ def original_logits(assets) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- single process
+def test_weight_clips_start_at_the_mse_search_of_the_start_weights(assets, tmp_path, capsys):
+    """quant.w_clip_init mse: the learned weight clip ratios start at the MSE search's ratios of the weights the
+    quantizers read at the start (start matrices, R4's Hadamard in down_proj). With a learning rate that cannot move
+    them, the run's saved ratios are the search's on a float64 fold of the start matrices (a row whose two best
+    ratios tie to float32 rounding may pick the neighbour)."""
+    from transformers import AutoModelForCausalLM
+
+    from spinlearn.artifacts import WEIGHT_CLIPS_FILE
+    from spinlearn.fusion import fold_rotations
+    from spinlearn.online import fold_online, online_linears
+    from spinlearn.quant import LEARNED_CLIP_DEFAULT, MSE_CLIP_GRID, mse_clip_ratio
+    from spinlearn.rotation_plan import make_matrices, prepare_model
+
+    out = tmp_path / "out"
+    extra = {"quant.learn_w_clip": "true", "quant.w_clip_init": "mse", "quant.w_clip_lr": "1e-12", "data.eval": "null"}
+    assert run_main(assets, overrides_for(out, **extra)) == 0
+    logged = capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float64)
+    plan = prepare_model(model, "transformer_universal")
+    fold_rotations(plan.placements, make_matrices(plan, mode="hadamard", seed=0), True)
+    fold_online(model, online_linears(model, r4=True))
+    saved = load_file(out / WEIGHT_CLIPS_FILE)
+    assert len(saved) == 2 * 7
+    assert f"weight clips: {sum(r.numel() for r in saved.values())} ratios start at the MSE search's" in logged
+    got = torch.cat([r.double().flatten() for r in saved.values()])
+    want = torch.cat([mse_clip_ratio(model.get_parameter(name).detach().reshape(*r.shape, -1), 4, True)
+                      .clamp(max=LEARNED_CLIP_DEFAULT).flatten() for name, r in saved.items()])
+    assert (got - want).abs().max() <= 1 / MSE_CLIP_GRID + 1e-6
+    assert ((got - want).abs() <= 1e-6).double().mean() >= 0.95
+    assert want.min() < 0.9  # the search clips some rows: a run started at 0.99 would fail the checks above
+
+
 def test_launch_end_to_end_single_process(assets, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

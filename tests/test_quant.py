@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from spinlearn.quant import (
+    MSE_CLIP_GRID,
+    MSE_CLIP_MIN_SHRINK,
     MSE_CLIP_NORM,
     ActQuantizer,
     QuantSpec,
@@ -155,6 +157,26 @@ def test_mse_clip_beats_no_clip_on_heavy_tails(bits: int, sym: bool) -> None:
     assert mse_searched < 0.95 * mse_plain, (mse_searched, mse_plain)
     # Still on a grid of at most 2^bits levels per row.
     assert max(len(torch.unique(row)) for row in searched) <= 2**bits
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_clip_ratio_is_the_ratio_the_search_picks(sym: bool) -> None:
+    """``mse_clip_ratio`` (the learned weight clips' MSE start) against the search written out with Python floats,
+    and the ratio gives back ``find_qparams``'s searched scale and zero."""
+    from spinlearn.quant import find_qparams, mse_clip_ratio
+
+    w = heavy_tailed(6, 24).double()
+    got = mse_clip_ratio(w, 4, sym)
+    assert got.shape == (6, 1)
+    n_steps = round((1 - MSE_CLIP_MIN_SHRINK) * MSE_CLIP_GRID)
+    for row, ratio in zip(w.tolist(), got.flatten().tolist()):
+        errors = [sum(abs(q - v) ** MSE_CLIP_NORM for q, v in zip(ref_quant_group(row, 4, sym, 1 - i / MSE_CLIP_GRID),
+                                                                   row)) for i in range(n_steps + 1)]
+        best = min(range(len(errors)), key=lambda i: (errors[i], i))
+        assert ratio == pytest.approx(1 - best / MSE_CLIP_GRID, abs=1e-12)
+    assert (got < 1).any()  # heavy tails: the search clips
+    for a, b in zip(find_qparams(w, 4, sym, got), find_qparams(w, 4, sym, mse=True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
