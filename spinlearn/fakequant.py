@@ -563,8 +563,7 @@ def start_weight_clips_at_mse(model: nn.Module) -> torch.Tensor | None:
     for name, q in weight_quantizers(model).items():
         if q.clip_logit is None:
             continue
-        owner_name, pname = name.rsplit(".", 1) if "." in name else ("", name)
-        w = model.get_submodule(owner_name).parametrizations[pname].original
+        w = _original_of(model, name)
         ratio = q.mse_clip_start(w.full_tensor() if isinstance(w, DTensor) else w)
         local = q.clip_logit.to_local() if isinstance(q.clip_logit, DTensor) else q.clip_logit
         local.copy_(clip_logit_start(ratio).to(local))
@@ -599,9 +598,13 @@ def set_weight_clips(model: nn.Module, table: dict[str, torch.Tensor]) -> None:
 
 
 def _clip_shape_of(model: nn.Module, name: str, spec: QuantSpec) -> tuple[int, int]:
+    return weight_groups(_original_of(model, name).shape, spec)
+
+
+def _original_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The frozen tensor behind the parametrized weight ``name`` (``weight_quantizers``' names)."""
     owner_name, pname = name.rsplit(".", 1) if "." in name else ("", name)
-    owner = model.get_submodule(owner_name)
-    return weight_groups(owner.parametrizations[pname].original.shape, spec)
+    return model.get_submodule(owner_name).parametrizations[pname].original
 
 
 @contextlib.contextmanager
