@@ -2,6 +2,7 @@
 
     python launch/bench_train.py                        # ~20M Llama, seqlen 512 and 2048, batch 1, 1 thread
     python launch/bench_train.py --seqlens 512 --profile  # also: where the rotation step spends its time
+    python launch/bench_train.py --modes rotation_learned_kl rotation_learned_kl_rotated  # some rows (+ float)
     python launch/bench_train.py --checkpointing          # rotation step with / without gradient checkpointing
     python launch/bench_train.py --distributed --seqlens 512  # RotationTrainer steps, 2 CPU ranks: DDP vs FSDP
     python launch/bench_train.py --gpu                    # Llama-3-8B's config, random bf16 weights, one CUDA GPU
@@ -21,6 +22,10 @@ build, one warm-up step, then the median of --repeats timed steps), so that its 
                        and a Cayley SGD step (with the per-step polar re-orthonormalisation).
   * + learned          the W4A4KV4 step with what the shipped recipes learn beside the matrices: per-channel
                        scales, one clip ratio per activation input and per weight row (Adam)
+  * + KL               that step trained on the KL to the float teacher (the demo recipe's loss: one more forward,
+                       no backward): the teacher as RotationTrainer computes it (every wrapper passed through, a
+                       plain float forward: fakequant.float_passthrough), and through the rotated weights with the
+                       quantizers off (what the trainer did before: every rotated weight recomputed for it)
   * W16A4KV4           the same with 16-bit weights (recipes that run GPTQ after training), once with the matrices
                        computed into the weights and once on the activations around each quantizer
                        (``rotation.apply: activations``, the default for such recipes: spinlearn.activation_side).
@@ -66,12 +71,19 @@ MODES = {
     "float_emb": "float fwd+bwd, emb grad only",
     "rotation": "rotation step, W4A4KV4 (weights)",
     "rotation_learned": "rotation step, W4A4KV4 + learned scales and clip ratios (the recipes')",
+    "rotation_learned_kl": "the same on the KL to the float teacher (the demo recipe's loss)",
+    "rotation_learned_kl_rotated": "the same, teacher through the rotated weights, quantizers off (before)",
     "rotation_w16": "rotation step, W16A4KV4 on the weights",
     "rotation_w16_act": "rotation step, W16A4KV4 on the activations",
 }
 ROTATION_QUANT = {"rotation": dict(w_bits=4, a_bits=4, kv_bits=4),
-                  "rotation_learned": dict(w_bits=4, a_bits=4, kv_bits=4), "rotation_w16": dict(a_bits=4, kv_bits=4),
-                  "rotation_w16_act": dict(a_bits=4, kv_bits=4)}
+                  "rotation_learned": dict(w_bits=4, a_bits=4, kv_bits=4),
+                  "rotation_learned_kl": dict(w_bits=4, a_bits=4, kv_bits=4),
+                  "rotation_learned_kl_rotated": dict(w_bits=4, a_bits=4, kv_bits=4),
+                  "rotation_w16": dict(a_bits=4, kv_bits=4), "rotation_w16_act": dict(a_bits=4, kv_bits=4)}
+# the KL modes' teacher: RotationTrainer's (every wrapper passed through: a plain float forward), or the rotated
+# float model the trainer used before (the quantizers off, every rotated weight recomputed)
+KL_TEACHER = {"rotation_learned_kl": "passthrough", "rotation_learned_kl_rotated": "rotated"}
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
 
@@ -92,6 +104,8 @@ GPU_MODES = {
     "rotation, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True),
     "rotation + scales + clips, tf32, checkpointing": dict(mode="rotation", tf32=True, checkpointing=True,
                                                            scales=True),
+    "the same on the KL to the float teacher": dict(mode="rotation_learned_kl", tf32=True, checkpointing=True,
+                                                    scales=True),
     "W16A4KV4 rotation on the weights, tf32": dict(mode="rotation_w16", tf32=True),
     "W16A4KV4 rotation on the activations": dict(mode="rotation_w16_act"),
 }
@@ -117,7 +131,8 @@ def build_model(layers: int | None = None, config: str | None = None, device: st
 
 def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     """A closure running one step of `mode` on `model` (prepared as that mode needs); ``scales``: learned scales
-    and activation and weight clip ratios beside the rotations (Adam, as RotationTrainer does)."""
+    and activation and weight clip ratios beside the rotations (Adam, as RotationTrainer does); the KL modes train
+    on RotationTrainer's KL to the float teacher instead of the cross-entropy (``KL_TEACHER``)."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -133,13 +148,13 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
 
         return step
 
-    from spinlearn.fakequant import activation_clip_params, rotations_attached, weight_clip_params
+    from spinlearn.fakequant import activation_clip_params, float_passthrough, rotations_attached, weight_clip_params
     from spinlearn.online import online_linears
     from spinlearn.optim import MultiOptimizer
-    from spinlearn.quant import QuantSettings
+    from spinlearn.quant import QuantSettings, quantizers_disabled
     from spinlearn.rotation_plan import make_matrices, prepare_model
     from spinlearn.scales import ScaleBank, plan_scales
-    from spinlearn.trainer import make_optimizer
+    from spinlearn.trainer import kl_teacher_student, make_optimizer
 
     plan = prepare_model(model, "transformer_universal")
     quant = QuantSettings.from_flags(**ROTATION_QUANT[mode])
@@ -156,8 +171,18 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     if extra:
         opt = MultiOptimizer([opt, torch.optim.Adam(extra, lr=1e-2, foreach=False)])
 
+    teacher = {"passthrough": float_passthrough, "rotated": quantizers_disabled}.get(KL_TEACHER.get(mode))
+
+    def loss_of_step() -> torch.Tensor:
+        if teacher is None:
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+        student = model(input_ids=ids, use_cache=False).logits
+        with torch.no_grad(), teacher(model):
+            target = model(input_ids=ids, use_cache=False).logits
+        return kl_teacher_student(target, student)
+
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = loss_of_step()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + extra, 1.0)  # the Trainer's max_grad_norm
         opt.step()
@@ -227,7 +252,7 @@ def profile_step(step, rows: int = 18) -> str:
 def measure(mode: str, seqlen: int, args, checkpointing: bool = False) -> dict:
     spec = dict(mode=mode, seqlen=seqlen, threads=args.threads, repeats=args.repeats, r3=not args.no_r3,
                 r4=not args.no_r4, profile=args.profile and mode.startswith("rotation"), checkpointing=checkpointing,
-                layers=args.layers, scales=mode == "rotation_learned")
+                layers=args.layers, scales=mode.startswith("rotation_learned"))
     try:
         return _run_child(spec)
     except RuntimeError as e:
@@ -434,6 +459,8 @@ def main(argv=None) -> int:
                         help="only the rotation step, without and with gradient checkpointing (peak RSS, time)")
     parser.add_argument("--distributed", action="store_true",
                         help="RotationTrainer on 2 CPU ranks, DDP vs FSDP (seconds per step, RSS per rank)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="the CPU table's rows (default: all; the first float row is the ratios' baseline)")
     parser.add_argument("--layers", type=int, help=f"decoder layers (default {MODEL['num_hidden_layers']})")
     parser.add_argument("--gpu", action="store_true",
                         help="one CUDA GPU, bf16, --model-config's model: float fwd+bwd vs rotation steps")
@@ -460,7 +487,7 @@ def main(argv=None) -> int:
 
     results: dict = {}
     for seqlen in args.seqlens:
-        for mode in MODES:
+        for mode in ["float", *(m for m in args.modes if m != "float")]:
             r = measure(mode, seqlen, args)
             results[f"{mode}@{seqlen}"] = r
             print(f"# {mode:9s} seqlen {seqlen:5d}: median {r['median_s']:.3f} s "
@@ -478,7 +505,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for seqlen in args.seqlens:
         f = results[f"float@{seqlen}"]
-        for mode, label in MODES.items():
+        for mode, label in ((m, MODES[m]) for m in ["float", *(m for m in args.modes if m != "float")]):
             r = results[f"{mode}@{seqlen}"]
             print(f"| {seqlen} | {label} | {r['median_s']:.3f} | {r['median_s'] / f['median_s']:.2f}x | "
                   f"{r['peak_mb']:.0f} MiB | {r['peak_mb'] / f['peak_mb']:.2f}x |")

@@ -9,6 +9,8 @@ quantized (after RoPE, and after the online R3 Hadamard when on) inside a regist
 Optionally learned beside the matrices: per-channel scales (a ``scales.ScaleBank``: norm-output hooks and the same
 parametrizations), one activation clip ratio per linear input (``ActQuantizer(learn_clip=True)``) and one weight clip
 ratio per weight row and group (``RotateQuantWeight.clip_logit``).
+``float_passthrough`` turns every one of these wrappers into the identity for a block: the distillation teacher
+is then the plain float model (no rotated weight is recomputed for it).
 """
 
 from __future__ import annotations
@@ -27,13 +29,47 @@ from .hadamard import fast_hadamard_transform
 from .layout import addressable_targets
 from .online import ROUTER_GLOBS, check_r3, online_input_hook, online_linears
 from .quant import (INPUT_QUANT_ATTR, ActQuantizer, QuantSettings, QuantSpec, clip_from_logit, clip_logit_start,
-                    mse_clip_ratio, quantize_weight, weight_groups)
+                    mse_clip_ratio, quantize_weight, quantizers_disabled, weight_groups)
 from .rotations import BANK_ATTR, RotationBank, rotate_axis
 from .scales import SCALES_ATTR, NormScaleHook, ScaleBank
 
 ATTN_NAME = "spinlearn_sdpa"
 KV_ATTR = "spinlearn_kv"  # the attention module's KVQuantizers (their quantizers: KV_ATTR.k_quant / .v_quant)
 QUANT_SKIP = ROUTER_GLOBS  # MoE routers stay in float (tiny, and they pick experts)
+PASSTHROUGH_ATTR = "spinlearn_passthrough"  # set on every module of a model inside ``float_passthrough``
+
+
+def _passthrough(module: nn.Module) -> bool:
+    return module.__dict__.get(PASSTHROUGH_ATTR, False)
+
+
+def _unless_passthrough(hook):
+    """A forward (pre-)hook that does nothing inside ``float_passthrough`` (returning None leaves the input or the
+    output as it is)."""
+
+    def run(module, *args):
+        return None if _passthrough(module) else hook(module, *args)
+
+    return run
+
+
+@contextlib.contextmanager
+def float_passthrough(model: nn.Module) -> Iterator[None]:
+    """For the block, every wrapper ``wrap_model`` installed on ``model`` is the identity: the weight
+    parametrizations return the frozen weight (no rotation, scale, online Hadamard or quantizer), the norm-scale and
+    online-Hadamard hooks do nothing, R3 is skipped and every quantizer is off. Rotations, scales and online
+    Hadamards are exact in float, so this computes the float model, the wrapped model's float logits up to rounding
+    (``quantizers_disabled`` computes the same through the rotated weights), without reading the banks: the
+    distillation teacher's forward costs a plain forward."""
+    modules = list(model.modules())
+    with quantizers_disabled(model):
+        for m in modules:
+            m.__dict__[PASSTHROUGH_ATTR] = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.__dict__.pop(PASSTHROUGH_ATTR, None)
 
 
 class RotateQuantWeight(nn.Module):
@@ -65,6 +101,8 @@ class RotateQuantWeight(nn.Module):
         return self.fixed_clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if _passthrough(self):
+            return w
         x = self.transformed(w)
         if self.quant_enabled and self.wspec is not None and self.wspec.enabled and x.ndim >= 2:
             x = quantize_weight(x.reshape(-1, x.shape[-1]), self.wspec, self.clip_ratio()).reshape(x.shape)
@@ -106,7 +144,7 @@ def _spinlearn_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     st = getattr(module, KV_ATTR, None)
-    if st is not None:
+    if st is not None and not _passthrough(st):
         if st.r3:  # q H (k H)^T = q k^T: exact in float, flattens K's outliers for the KV cache
             query, key = fast_hadamard_transform(query), fast_hadamard_transform(key)
         key, value = st.k_quant(key), st.v_quant(value)
@@ -342,7 +380,8 @@ def wrap_model(
             _parametrize_weight(model, handle, t, entry, wspec, name in online_names and online_in_weights,
                                 bank, scales, s_in, s_out, learn_w_clip)
             if name in online_names:
-                handle._hooks.append(t.module.register_forward_pre_hook(online_input_hook, with_kwargs=True))
+                handle._hooks.append(t.module.register_forward_pre_hook(_unless_passthrough(online_input_hook),
+                                                                            with_kwargs=True))
         # Activation quantization of every quantized linear's input (3-D experts: both projections, per expert).
         if not skip_quant and not is_head and quant.a.enabled:
             q = _install_act_quant(model, name, t, quant.a, handle, learn_a_clip)
@@ -401,7 +440,7 @@ def _install_residual_extras(model, handle, sides: dict, bank, scales) -> None:
     for p in scales.pairs if scales is not None else ():
         if p.kind == "norm":
             norm = model.get_submodule(p.source)
-            handle._hooks.append(norm.register_forward_hook(NormScaleHook(scales, p.key)))
+            handle._hooks.append(norm.register_forward_hook(_unless_passthrough(NormScaleHook(scales, p.key))))
 
 
 def _kv_bases(model, targets: dict, sides: dict, bank, scales, scale_out: dict) -> set[str]:

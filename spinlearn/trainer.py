@@ -4,7 +4,8 @@ Only the RotationBank's Stiefel parameters are optimised (plus, when given, the 
 logits, with Adam, through one ``optim.MultiOptimizer``); the model's weights are frozen. The loss is the
 causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) =
 sum_v p_teacher (log p_teacher - log p_student) per token (the usual distillation direction), the float
-teacher being the same wrapped model with its quantizers switched off (no second copy of the weights).
+teacher being the same wrapped model with every wrapper passed through (``fakequant.float_passthrough``: the frozen
+weights as they are, no second copy of them and no rotated weight recomputed for the teacher).
 Checkpoints hold the rotations and the optimizer state (momentum included) as safetensors.
 """
 
@@ -23,8 +24,8 @@ from transformers import Trainer, TrainerCallback
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
+from .fakequant import float_passthrough
 from .optim import CayleySGD, MultiOptimizer, tangent_part
-from .quant import quantizers_disabled
 from .rotations import RotationBank
 
 
@@ -151,7 +152,7 @@ class RotationTrainer(Trainer):
         outputs = model(input_ids=input_ids, labels=inputs.get("labels", input_ids) if self.ce_weight > 0 else None)
         terms = [self.ce_weight * outputs.loss] if self.ce_weight > 0 else []
         if self.kl_weight > 0:
-            with torch.no_grad(), quantizers_disabled(self.accelerator.unwrap_model(model)):
+            with torch.no_grad(), float_passthrough(self.accelerator.unwrap_model(model)):
                 teacher = model(input_ids=input_ids).logits
             terms.append(self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk))
         if not terms:

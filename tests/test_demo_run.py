@@ -44,8 +44,11 @@ def _check_rows(metrics, out) -> None:
     assert float_ppl < learned < hadamard < none
     assert none > 1.05 * hadamard  # the demo model really has the outliers rotations fix
     gptq_learned, gptq_start = rows["W4A4KV4 GPTQ, learned rotation"], rows["W4A4KV4 GPTQ, random Hadamard rotation"]
-    assert float_ppl < gptq_start < hadamard  # GPTQ beats round-to-nearest on the same (start) rotation
-    assert float_ppl < gptq_learned < hadamard  # and the learned rotation keeps its gain under GPTQ
+    # GPTQ's refit (a ridge least-squares fit to the float outputs, README "GPTQ's refit") can land a little below
+    # float on a sample of windows (60-step run, 50 windows: learned + GPTQ 69.969 against float 70.020), so float
+    # is not a lower bound here; 3% below it would be a broken row.
+    assert 0.97 * float_ppl < gptq_start < hadamard  # GPTQ beats round-to-nearest on the same (start) rotation
+    assert 0.97 * float_ppl < gptq_learned < hadamard  # and the learned rotation keeps its gain under GPTQ
     assert metrics["ppl_gptq"] == gptq_learned and metrics["ppl_gptq_start"] == gptq_start
     assert (out / "results.md").read_text().count("|") > 10
     assert (out / "model" / "config.json").is_file() and (out / "rotations.safetensors").is_file()

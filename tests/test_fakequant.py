@@ -288,3 +288,53 @@ def test_mse_weight_clip_start_is_the_search_on_the_weights_the_quantizers_read(
     assert ratios.min() < 0.9  # the search clipped rows the 0.99 start did not
     with rotations_attached(model, plan, matrices, quant=W4A4KV4, learn_w_clip=False):
         assert start_weight_clips_at_mse(model) is None
+
+
+# ------------------------------------------------------------------------------ the distillation teacher
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_passthrough_is_the_float_model_without_reading_the_banks(family, monkeypatch):
+    """Inside ``float_passthrough`` the fully wrapped model (dense random rotations, random scales, R3, R4, learned
+    clips, W4A4KV4) computes the prepared model's float logits; the rotation and scale banks are not read (NaN in
+    them changes nothing), no online Hadamard is computed, and on exit every wrapper works again."""
+    import spinlearn.fakequant
+    import spinlearn.online
+    from spinlearn.fakequant import float_passthrough, rotations_attached
+    from spinlearn.online import online_linears
+    from spinlearn.scales import ScaleBank, plan_scales
+
+    model = tiny_model(family)
+    plan = prepare_model(model, layout_for(family))
+    ids = _ids()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    pairs = plan_scales(model, plan, log=False) if family != "opt" else []
+    gen = torch.Generator().manual_seed(5)
+    scales = ScaleBank(pairs, {p.key: torch.rand(p.width, generator=gen, dtype=torch.float64) + 0.5 for p in pairs})
+    online = online_linears(model, None, True) if family != "mixtral" else []  # mixtral: 3-D experts
+    with torch.no_grad(), rotations_attached(model, plan, make_matrices(plan, mode="orthogonal", seed=3),
+                                             quant=W4A4KV4, r3=family != "opt", online=online, scales=scales,
+                                             learn_a_clip=True, learn_w_clip=True, learn_kv_clip=True) as handle:
+        quantized = model(input_ids=ids).logits
+        with quantizers_disabled(model):
+            rotated_float = model(input_ids=ids).logits  # the same float model through the rotated weights
+        hadamards = []
+        for mod in (spinlearn.fakequant, spinlearn.online):  # R3 (the attention function) and R4 (the input hook)
+            fwht = mod.fast_hadamard_transform
+            monkeypatch.setattr(mod, "fast_hadamard_transform", lambda x, _f=fwht: hadamards.append(1) or _f(x))
+        with float_passthrough(model):
+            teacher = model(input_ids=ids).logits
+        assert not hadamards
+        model(input_ids=ids)
+        assert hadamards  # the wrapped model does compute them
+        assert torch.equal(model(input_ids=ids).logits, quantized)  # every wrapper back on
+        for p in [*handle.bank.parameters(), *scales.parameters()]:
+            p.fill_(float("nan"))
+        with float_passthrough(model):
+            teacher_nan_banks = model(input_ids=ids).logits
+        with quantizers_disabled(model):
+            assert torch.isnan(model(input_ids=ids).logits).all()  # ...which do read the banks
+    assert torch.allclose(teacher, plain, rtol=0, atol=1e-5)
+    assert torch.equal(teacher_nan_banks, teacher)
+    assert torch.allclose(teacher, rotated_float, rtol=0, atol=1e-4)
+    assert (quantized - plain).abs().max() > 1e-2  # the wrapped model really is quantized
+    assert not any("spinlearn_passthrough" in m.__dict__ for m in model.modules())

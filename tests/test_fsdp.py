@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from spinlearn import distributed
-from spinlearn.artifacts import ACTIVATION_CLIPS_FILE, ROTATIONS_FILE, SCALES_FILE, WEIGHT_CLIPS_FILE
+from spinlearn.artifacts import (ACTIVATION_CLIPS_FILE, CLIP_LOGITS_FILE, LOG_SCALES_FILE, ROTATIONS_FILE, SCALES_FILE,
+                                 WEIGHT_CLIPS_FILE)
 from helpers import save_remote_code_model_dir
 from test_job import (  # noqa: F401  (assets is a fixture)
     IDS,
@@ -151,10 +152,18 @@ def test_fsdp_replicates_learned_scales_and_clip_ratios_like_a_one_process_run(a
     assert run_main(assets, overrides_for(single, **STEPS, **extras, **{"train.per_device_train_batch_size": 4,
                                                                         "data.eval": "null"})) == 0
     assert step_losses(fsdp) == pytest.approx(step_losses(single), rel=1e-4)
+    # The same learned tensors after 2 steps (the checkpoints hold their exact variables)...
+    for name in (ROTATIONS_FILE, LOG_SCALES_FILE, CLIP_LOGITS_FILE):
+        a, b = (load_file(d / "checkpoint-2" / name) for d in (fsdp, single))
+        assert a.keys() == b.keys() and a
+        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4, name
+    # ... and close at the end. Not to 1e-4: the batches' float rounding differs (2 ranks x 2 micro-batches of 1
+    # against one batch of 4), and once a value sits on a rounding boundary of a 4-bit quantizer, the two runs round
+    # it apart and their gradients differ by a step of the grid (a clip logit by 2e-3 after step 4, measured).
     for name in (ROTATIONS_FILE, SCALES_FILE, ACTIVATION_CLIPS_FILE, WEIGHT_CLIPS_FILE):
         a, b = load_file(fsdp / name), load_file(single / name)
         assert a.keys() == b.keys() and a
-        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4, name
+        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-2, name
     scales = load_file(fsdp / SCALES_FILE)
     assert max((v.double() - 1).abs().max().item() for v in scales.values()) > 1e-3  # the scales did move
     with torch.no_grad():  # the exported model (scales folded) still computes the original function

@@ -233,8 +233,9 @@ def test_optimizers_stay_orthogonal_100_steps_at_lr_1_5(setup, name, momentum):
 @pytest.mark.parametrize("ce_weight, kl_weight", [(0.4, 0.7), (0.0, 1.0)])
 def test_compute_loss_is_ce_plus_kl_to_the_float_model(setup, tmp_path, ce_weight, kl_weight):
     """loss = ce_weight * CE(quantized) + kl_weight * KL(float || quantized), the float teacher being the same
-    wrapped model with every quantizer off; checked against the original, never-rotated model in float64. With
-    ce_weight 0 (distillation alone, the demo recipe's loss) the loss is the KL term alone."""
+    wrapped model with every wrapper passed through (fakequant.float_passthrough); checked against the original,
+    never-rotated model in float64. With ce_weight 0 (distillation alone, the demo recipe's loss) the loss is the KL
+    term alone."""
     bank, handle = setup.wrap(setup.hadamard(2))
     try:
         trainer = RotationTrainer(
