@@ -76,11 +76,9 @@ MODES = {
     "rotation_w16": "rotation step, W16A4KV4 on the weights",
     "rotation_w16_act": "rotation step, W16A4KV4 on the activations",
 }
-ROTATION_QUANT = {"rotation": dict(w_bits=4, a_bits=4, kv_bits=4),
-                  "rotation_learned": dict(w_bits=4, a_bits=4, kv_bits=4),
-                  "rotation_learned_kl": dict(w_bits=4, a_bits=4, kv_bits=4),
-                  "rotation_learned_kl_rotated": dict(w_bits=4, a_bits=4, kv_bits=4),
-                  "rotation_w16": dict(a_bits=4, kv_bits=4), "rotation_w16_act": dict(a_bits=4, kv_bits=4)}
+W4A4KV4, W16A4KV4 = dict(w_bits=4, a_bits=4, kv_bits=4), dict(a_bits=4, kv_bits=4)
+ROTATION_QUANT = {"rotation": W4A4KV4, "rotation_learned": W4A4KV4, "rotation_learned_kl": W4A4KV4,
+                  "rotation_learned_kl_rotated": W4A4KV4, "rotation_w16": W16A4KV4, "rotation_w16_act": W16A4KV4}
 # the KL modes' teacher: RotationTrainer's (every wrapper passed through: a plain float forward), or the rotated
 # float model the trainer used before (the quantizers off, every rotated weight recomputed)
 KL_TEACHER = {"rotation_learned_kl": "passthrough", "rotation_learned_kl_rotated": "rotated"}
@@ -485,9 +483,10 @@ def main(argv=None) -> int:
     if args.checkpointing:
         return checkpointing_table(args)
 
+    modes = ["float", *(m for m in args.modes if m != "float")]  # the float row is every ratio's baseline
     results: dict = {}
     for seqlen in args.seqlens:
-        for mode in ["float", *(m for m in args.modes if m != "float")]:
+        for mode in modes:
             r = measure(mode, seqlen, args)
             results[f"{mode}@{seqlen}"] = r
             print(f"# {mode:9s} seqlen {seqlen:5d}: median {r['median_s']:.3f} s "
@@ -505,7 +504,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for seqlen in args.seqlens:
         f = results[f"float@{seqlen}"]
-        for mode, label in ((m, MODES[m]) for m in ["float", *(m for m in args.modes if m != "float")]):
+        for mode in modes:
+            label = MODES[mode]
             r = results[f"{mode}@{seqlen}"]
             print(f"| {seqlen} | {label} | {r['median_s']:.3f} | {r['median_s'] / f['median_s']:.2f}x | "
                   f"{r['peak_mb']:.0f} MiB | {r['peak_mb'] / f['peak_mb']:.2f}x |")
