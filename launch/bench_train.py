@@ -146,13 +146,14 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
 
         return step
 
+    from spinlearn.distill import kl_teacher_student
     from spinlearn.fakequant import activation_clip_params, float_passthrough, rotations_attached, weight_clip_params
     from spinlearn.online import online_linears
     from spinlearn.optim import MultiOptimizer
     from spinlearn.quant import QuantSettings, quantizers_disabled
     from spinlearn.rotation_plan import make_matrices, prepare_model
     from spinlearn.scales import ScaleBank, plan_scales
-    from spinlearn.trainer import kl_teacher_student, make_optimizer
+    from spinlearn.trainer import make_optimizer
 
     plan = prepare_model(model, "transformer_universal")
     quant = QuantSettings.from_flags(**ROTATION_QUANT[mode])

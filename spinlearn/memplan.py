@@ -278,8 +278,8 @@ def _components(shape: ModelShape, st: Settings, *, layers: list[int], embed: bo
     else:
         activations = tokens * len(layers) * act_token
     logits = tokens * shape.vocab * (LOGIT_F32_COPIES * 4 + (s if s < 4 else 0)) if head else 0.0
-    if head and st.kl_weight > 0:  # the float teacher's logits and their log-softmax
-        logits += tokens * shape.vocab * (4 + s)
+    if head and st.kl_weight > 0:  # the float teacher's logits and the KL's gradient (distill.TokenKL)
+        logits += tokens * shape.vocab * 2 * s
     rot = sum(n * n for n in shape.rotation_sizes) * 4
     copies = 2 + _optimizer_copies(st) + (1 if replicas_sync else 0)  # matrices, gradients, momentum, bucket
     rotations = rot * copies + 4 * 4 * max(shape.rotation_sizes, default=0) ** 2  # Cayley step temporaries

@@ -2,10 +2,10 @@
 
 Only the RotationBank's Stiefel parameters are optimised (plus, when given, the learned scales and activation clip
 logits, with Adam, through one ``optim.MultiOptimizer``); the model's weights are frozen. The loss is the
-causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) =
-sum_v p_teacher (log p_teacher - log p_student) per token (the usual distillation direction), the float
-teacher being the same wrapped model with every wrapper passed through (``fakequant.float_passthrough``: the frozen
-weights as they are, no second copy of them and no rotated weight recomputed for the teacher).
+causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) per token
+(``distill.kl_teacher_student``), the float teacher being the same wrapped model with every wrapper passed through
+(``fakequant.float_passthrough``: the frozen weights as they are, no second copy of them and no rotated weight
+recomputed for the teacher).
 Checkpoints hold the rotations and the optimizer state (momentum included) as safetensors.
 """
 
@@ -17,13 +17,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
+from .distill import kl_teacher_student
 from .fakequant import float_passthrough
 from .optim import CayleySGD, MultiOptimizer, tangent_part
 from .rotations import RotationBank
@@ -282,16 +282,3 @@ class RotationTrainer(Trainer):
             with torch.no_grad():
                 for p in self.bank.parameters():
                     p.copy_(polar_orthonormalize(p))
-
-
-def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, topk: int | None = None) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged over tokens: sum_v p_t (log p_t - log p_s), the usual
-    distillation direction. With ``topk`` only the teacher's k most likely tokens count, both distributions
-    renormalised over them (OSTQuant's KL-Top): the long tail of a big vocabulary no longer dilutes the signal."""
-    vocab = teacher_logits.shape[-1]
-    t = teacher_logits.float().reshape(-1, vocab)
-    s = student_logits.float().reshape(-1, vocab)
-    if topk is not None and topk < vocab:
-        idx = t.topk(topk, dim=-1).indices
-        t, s = t.gather(-1, idx), s.gather(-1, idx)
-    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
