@@ -21,6 +21,9 @@ What one training step holds at its peak (forward, then backward of the quantize
   2 key/value-size vectors) times ACT_TRANSIENT_FACTOR for the transients of the backward, measured on CPU;
   with checkpointing only each layer's input plus one layer's activations;
 * the logits and their float32 loss copies (log-softmax, its gradient): LOGIT_F32_COPIES per token and vocab entry;
+  with the KL to the float teacher (``loss.kl_weight``) the teacher's logits and the KL's gradient
+  (``distill.TokenKL``) besides, or, with the KL alone (``loss.ce_weight: 0``), KL_LOGIT_COPIES in the logits'
+  dtype instead (the student's logits, the teacher's, the gradient);
 * the rotations (float32), their gradients, the optimizer's momentum (Cayley SGD with momentum > 0,
   Riemannian Adam's two moments) and DDP's gradient bucket.
 
@@ -44,7 +47,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["ACT_ELEMS_PER_TOKEN", "ACT_TRANSIENT_FACTOR", "CPU_OVERHEAD_GIB", "GPU_OVERHEAD_GIB", "LOGIT_F32_COPIES",
+__all__ = ["ACT_ELEMS_PER_TOKEN", "ACT_TRANSIENT_FACTOR", "CPU_OVERHEAD_GIB", "GPU_OVERHEAD_GIB", "KL_LOGIT_COPIES",
+           "LOGIT_F32_COPIES",
            "STRATEGIES", "ModelShape", "Settings", "estimate", "format_plan", "host_weights", "load_config", "make_plan",
            "model_shape"]
 
@@ -56,6 +60,9 @@ ACT_ELEMS_PER_TOKEN = {"hidden": 8, "intermediate": 4, "query": 2, "kv": 2}
 ACT_TRANSIENT_FACTOR = 1.6
 # Float32 copies of the logits alive at the peak (log-softmax output, its gradient, the logits' gradient).
 LOGIT_F32_COPIES = 2.5
+# Copies of the logits (in their dtype) alive at the peak when the loss is the KL alone: the student's, the
+# teacher's and the gradient distill.TokenKL keeps.
+KL_LOGIT_COPIES = 3
 # Float32 copies of the largest rotated tensor alive while it is rotated, beyond what autograd keeps: its rotated
 # result before the cast back to a half-precision dtype (a float32 model's result is the saved weight itself).
 WEIGHT_TRANSIENT_F32_COPIES = 1
@@ -223,6 +230,7 @@ class Settings:
     optimizer: str = "cayley_sgd"
     momentum: float = 0.0
     kl_weight: float = 0.0
+    ce_weight: float = 1.0
     layout: str = "transformer_universal"
     on_activations: bool = False  # rotation.apply resolved: the matrices act on the activations (16-bit weights)
 
@@ -233,7 +241,8 @@ class Settings:
         q = cfg.quant
         return cls(dtype=cfg.model.dtype, seqlen=cfg.data.seqlen, batch=cfg.train.per_device_train_batch_size,
                    gradient_checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.rotation.optimizer,
-                   momentum=cfg.rotation.momentum, kl_weight=cfg.loss.kl_weight, layout=cfg.rotation.layout,
+                   momentum=cfg.rotation.momentum, kl_weight=cfg.loss.kl_weight, ce_weight=cfg.loss.ce_weight,
+                   layout=cfg.rotation.layout,
                    on_activations=resolve_apply(cfg.rotation.apply, q.w_bits < 16 or q.lm_head_bits < 16))
 
     @property
@@ -257,6 +266,17 @@ def _optimizer_copies(st: Settings) -> int:
     return 1 if st.momentum > 0 else 0
 
 
+def _logit_bytes(st: Settings) -> float:
+    """Bytes per token and vocabulary entry of the logits and the loss's copies of them."""
+    s = st.bytes
+    ce = LOGIT_F32_COPIES * 4 + (s if s < 4 else 0)
+    if st.kl_weight <= 0:
+        return ce
+    if st.ce_weight <= 0:
+        return KL_LOGIT_COPIES * s
+    return ce + 2 * s  # the teacher's logits and the KL's gradient beside the cross-entropy's copies
+
+
 def _components(shape: ModelShape, st: Settings, *, layers: list[int], embed: bool, head: bool, weights: float,
                 ckpt: bool, replicas_sync: bool, overhead: float) -> dict[str, float]:
     """Bytes per component on one GPU holding decoder ``layers`` (and the embeddings / lm_head + logits when
@@ -277,9 +297,7 @@ def _components(shape: ModelShape, st: Settings, *, layers: list[int], embed: bo
         activations = tokens * (len(layers) * shape.widths["hidden"] * s + (act_token if layers else 0))
     else:
         activations = tokens * len(layers) * act_token
-    logits = tokens * shape.vocab * (LOGIT_F32_COPIES * 4 + (s if s < 4 else 0)) if head else 0.0
-    if head and st.kl_weight > 0:  # the float teacher's logits and the KL's gradient (distill.TokenKL)
-        logits += tokens * shape.vocab * 2 * s
+    logits = tokens * shape.vocab * _logit_bytes(st) if head else 0.0
     rot = sum(n * n for n in shape.rotation_sizes) * 4
     copies = 2 + _optimizer_copies(st) + (1 if replicas_sync else 0)  # matrices, gradients, momentum, bucket
     rotations = rot * copies + 4 * 4 * max(shape.rotation_sizes, default=0) ** 2  # Cayley step temporaries

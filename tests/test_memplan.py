@@ -26,9 +26,11 @@ TOLERANCE = 0.25
 
 
 def _recipe(tmp_path: Path, seqlen: int, batch: int, *, ckpt: bool = False, dtype: str = "float32",
-            w_bits: int = 4) -> Path:
+            w_bits: int = 4, kl: bool = False) -> Path:
+    """``kl``: the demo recipe's loss, the KL to the float teacher alone."""
     path = tmp_path / "recipe.yaml"
     path.write_text(
+        ("loss: {ce_weight: 0.0, kl_weight: 1.0}\n" if kl else "") +
         f"model: {{path: unused, dtype: {dtype}}}\n"
         f"data: {{train: unused.txt, seqlen: {seqlen}}}\n"
         f"quant: {{w_bits: {w_bits}, a_bits: 4, kv_bits: 4}}\n"
@@ -53,13 +55,15 @@ def _peak_mib() -> float:
 
 def _child(spec: dict) -> dict:
     """Training-like steps as RotationTrainer runs them (W4A4KV4 loss, backward to the rotations, clipping,
-    Cayley SGD); peak RSS minus the RSS after the imports."""
+    Cayley SGD; with loss.kl_weight, the KL to the passed-through float teacher as RotationTrainer computes it);
+    peak RSS minus the RSS after the imports."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from spinlearn.activation_side import resolve_apply
     from spinlearn.config import load_recipe
-    from spinlearn.fakequant import rotations_attached
+    from spinlearn.distill import kl_teacher_student
+    from spinlearn.fakequant import float_passthrough, rotations_attached
     from spinlearn.online import online_linears
     from spinlearn.quant import QuantSettings
     from spinlearn.rotation_plan import make_matrices, prepare_model
@@ -82,8 +86,16 @@ def _child(spec: dict) -> dict:
                             r3=cfg.rotation.r3, online=online, rotate_activations=on_activations) as h:
         params = list(h.bank.parameters())
         opt = make_optimizer(cfg.rotation.optimizer, params, lr=1.5, momentum=cfg.rotation.momentum)
+        def loss():
+            if cfg.loss.kl_weight == 0:
+                return model(input_ids=ids, labels=ids, use_cache=False).loss
+            student = model(input_ids=ids, use_cache=False).logits
+            with torch.no_grad(), float_passthrough(model):
+                teacher = model(input_ids=ids, use_cache=False).logits
+            return kl_teacher_student(teacher, student)
+
         for _ in range(spec["steps"]):
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            loss().backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -140,8 +152,10 @@ def _check_estimates(tmp_path: Path, cases: dict[str, tuple]) -> None:
 
 
 def test_estimate_within_25_percent_of_measured_cpu_peak(tmp_path):
-    """Two model sizes (20M parameters with a 32000 vocabulary; 2 wider layers, 16000 vocabulary, batch 2)."""
-    _check_estimates(tmp_path, {"20M": (SMALL, 256, 1, {}), "wide": (MEDIUM, 128, 2, {})})
+    """Two model sizes (20M parameters with a 32000 vocabulary; 2 wider layers, 16000 vocabulary, batch 2), and the
+    20M one on the KL alone at 1024 tokens, where the logits' copies are a third of the peak."""
+    _check_estimates(tmp_path, {"20M": (SMALL, 256, 1, {}), "wide": (MEDIUM, 128, 2, {}),
+                                "20M-kl": (SMALL, 1024, 1, {"kl": True})})
 
 
 def test_estimate_on_the_activations_within_25_percent_of_measured_cpu_peak(tmp_path):
