@@ -146,8 +146,8 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
 
         return step
 
-    from spinlearn.distill import kl_teacher_student
-    from spinlearn.fakequant import activation_clip_params, float_passthrough, rotations_attached, weight_clip_params
+    from spinlearn.distill import kl_teacher_student, teacher_logits
+    from spinlearn.fakequant import activation_clip_params, rotations_attached, weight_clip_params
     from spinlearn.online import online_linears
     from spinlearn.optim import MultiOptimizer
     from spinlearn.quant import QuantSettings, quantizers_disabled
@@ -170,14 +170,15 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
     if extra:
         opt = MultiOptimizer([opt, torch.optim.Adam(extra, lr=1e-2, foreach=False)])
 
-    teacher = {"passthrough": float_passthrough, "rotated": quantizers_disabled}.get(KL_TEACHER.get(mode))
-
     def loss_of_step() -> torch.Tensor:
-        if teacher is None:
+        if mode not in KL_TEACHER:
             return model(input_ids=ids, labels=ids, use_cache=False).loss
         student = model(input_ids=ids, use_cache=False).logits
-        with torch.no_grad(), teacher(model):
-            target = model(input_ids=ids, use_cache=False).logits
+        if KL_TEACHER[mode] == "passthrough":
+            target = teacher_logits(model, ids)
+        else:
+            with torch.no_grad(), quantizers_disabled(model):
+                target = model(input_ids=ids, use_cache=False).logits
         return kl_teacher_student(target, student)
 
     def step() -> float:

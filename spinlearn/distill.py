@@ -11,7 +11,9 @@ gigabyte each for 2048 tokens of a 128k vocabulary).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .fakequant import float_passthrough
 
 # Logit elements one chunk of ``TokenKL`` works on (its float32 temporaries: a few of this size). On a CPU a chunk
 # that stays in cache (8 MiB of float32) is fastest; an accelerator wants fewer, larger kernels.
@@ -56,6 +58,15 @@ class TokenKL(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
         return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, input_ids: Tensor, forward=None) -> Tensor:
+    """The float teacher's logits: ``model`` (wrapped by ``fakequant.wrap_model``) with every wrapper passed through
+    (``fakequant.float_passthrough``: a plain float forward), no gradient. ``forward``: what to call instead of
+    ``model`` when it runs inside a wrapper (DDP / FSDP; ``model`` is then the unwrapped module)."""
+    with float_passthrough(model):
+        return (forward or model)(input_ids=input_ids, use_cache=False).logits
 
 
 def kl_teacher_student(teacher_logits: Tensor, student_logits: Tensor, topk: int | None = None) -> Tensor:

@@ -23,8 +23,7 @@ from transformers import Trainer, TrainerCallback
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
-from .distill import kl_teacher_student
-from .fakequant import float_passthrough
+from .distill import kl_teacher_student, teacher_logits
 from .optim import CayleySGD, MultiOptimizer, tangent_part
 from .rotations import RotationBank
 
@@ -152,8 +151,7 @@ class RotationTrainer(Trainer):
         outputs = model(input_ids=input_ids, labels=inputs.get("labels", input_ids) if self.ce_weight > 0 else None)
         terms = [self.ce_weight * outputs.loss] if self.ce_weight > 0 else []
         if self.kl_weight > 0:
-            with torch.no_grad(), float_passthrough(self.accelerator.unwrap_model(model)):
-                teacher = model(input_ids=input_ids).logits
+            teacher = teacher_logits(self.accelerator.unwrap_model(model), input_ids, forward=model)
             terms.append(self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk))
         if not terms:
             raise ValueError("RotationTrainer: ce_weight and kl_weight are both 0, so there is no loss to train on")

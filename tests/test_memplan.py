@@ -62,8 +62,8 @@ def _child(spec: dict) -> dict:
 
     from spinlearn.activation_side import resolve_apply
     from spinlearn.config import load_recipe
-    from spinlearn.distill import kl_teacher_student
-    from spinlearn.fakequant import float_passthrough, rotations_attached
+    from spinlearn.distill import kl_teacher_student, teacher_logits
+    from spinlearn.fakequant import rotations_attached
     from spinlearn.online import online_linears
     from spinlearn.quant import QuantSettings
     from spinlearn.rotation_plan import make_matrices, prepare_model
@@ -91,9 +91,7 @@ def _child(spec: dict) -> dict:
             if cfg.loss.kl_weight == 0:
                 return model(input_ids=ids, labels=ids, use_cache=False).loss
             student = model(input_ids=ids, use_cache=False).logits
-            with torch.no_grad(), float_passthrough(model):
-                teacher = model(input_ids=ids, use_cache=False).logits
-            return kl_teacher_student(teacher, student)
+            return kl_teacher_student(teacher_logits(model, ids), student)
 
         for _ in range(spec["steps"]):
             loss().backward()
