@@ -146,7 +146,7 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
 
         return step
 
-    from spinlearn.distill import kl_teacher_student, teacher_logits
+    from spinlearn.losses import kl_teacher_student, training_loss
     from spinlearn.fakequant import activation_clip_params, rotations_attached, weight_clip_params
     from spinlearn.online import online_linears
     from spinlearn.optim import MultiOptimizer
@@ -171,14 +171,12 @@ def make_step(mode: str, model, ids, r3: bool, r4: bool, scales: bool = False):
         opt = MultiOptimizer([opt, torch.optim.Adam(extra, lr=1e-2, foreach=False)])
 
     def loss_of_step() -> torch.Tensor:
-        if mode not in KL_TEACHER:
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
+        if KL_TEACHER.get(mode) != "rotated":  # RotationTrainer's loss, cross-entropy or the KL alone
+            return training_loss(model, ids, ce_weight=float(mode not in KL_TEACHER),
+                                 kl_weight=float(mode in KL_TEACHER))[0]
         student = model(input_ids=ids, use_cache=False).logits
-        if KL_TEACHER[mode] == "passthrough":
-            target = teacher_logits(model, ids)
-        else:
-            with torch.no_grad(), quantizers_disabled(model):
-                target = model(input_ids=ids, use_cache=False).logits
+        with torch.no_grad(), quantizers_disabled(model):
+            target = model(input_ids=ids, use_cache=False).logits
         return kl_teacher_student(target, student)
 
     def step() -> float:

@@ -2,10 +2,10 @@
 
 Only the RotationBank's Stiefel parameters are optimised (plus, when given, the learned scales and activation clip
 logits, with Adam, through one ``optim.MultiOptimizer``); the model's weights are frozen. The loss is the
-causal-LM cross-entropy of the fake-quantized model, optionally plus KL(teacher || student) per token
-(``distill.kl_teacher_student``), the float teacher being the same wrapped model with every wrapper passed through
-(``fakequant.float_passthrough``: the frozen weights as they are, no second copy of them and no rotated weight
-recomputed for the teacher).
+causal-LM cross-entropy of the fake-quantized model (``losses.causal_lm_cross_entropy``), optionally plus
+KL(teacher || student) per token (``losses.kl_teacher_student``), the float teacher being the same wrapped model
+with every wrapper passed through (``fakequant.float_passthrough``: the frozen weights as they are, no second copy
+of them and no rotated weight recomputed for the teacher).
 Checkpoints hold the rotations and the optimizer state (momentum included) as safetensors.
 """
 
@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from .artifacts import save_safetensors
 from .artifacts import LOSS_STATE_FILE, OPTIMIZER_FILE, ROTATION_PARAMS_FILE, ROTATIONS_FILE, SCHEDULER_FILE
 from .artifacts import CLIP_LOGITS_FILE, LOG_SCALES_FILE
-from .distill import kl_teacher_student, teacher_logits
+from .losses import training_loss
 from .optim import CayleySGD, MultiOptimizer, tangent_part
 from .rotations import RotationBank
 
@@ -147,15 +147,9 @@ class RotationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
         self.tokens_seen += input_ids.numel() * self.args.world_size
-        # Distillation alone (ce_weight 0) passes no labels: the model then skips its cross-entropy.
-        outputs = model(input_ids=input_ids, labels=inputs.get("labels", input_ids) if self.ce_weight > 0 else None)
-        terms = [self.ce_weight * outputs.loss] if self.ce_weight > 0 else []
-        if self.kl_weight > 0:
-            teacher = teacher_logits(self.accelerator.unwrap_model(model), input_ids, forward=model)
-            terms.append(self.kl_weight * kl_teacher_student(teacher, outputs.logits, self.kl_topk))
-        if not terms:
-            raise ValueError("RotationTrainer: ce_weight and kl_weight are both 0, so there is no loss to train on")
-        loss = sum(terms[1:], terms[0])
+        loss, outputs = training_loss(model, input_ids, inputs.get("labels"), ce_weight=self.ce_weight,
+                                      kl_weight=self.kl_weight, kl_topk=self.kl_topk,
+                                      unwrapped=self.accelerator.unwrap_model(model))
         mean_loss = self._mean_over_ranks(loss)
         if not math.isfinite(mean_loss):
             local = float(loss.detach())  # finite here when another rank hit the non-finite loss

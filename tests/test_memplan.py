@@ -26,11 +26,11 @@ TOLERANCE = 0.25
 
 
 def _recipe(tmp_path: Path, seqlen: int, batch: int, *, ckpt: bool = False, dtype: str = "float32",
-            w_bits: int = 4, kl: bool = False) -> Path:
-    """``kl``: the demo recipe's loss, the KL to the float teacher alone."""
+            w_bits: int = 4, loss: str = "ce") -> Path:
+    """``loss``: ``ce`` (the schema's), ``kl`` (the demo recipe's: the KL to the float teacher alone) or both."""
     path = tmp_path / "recipe.yaml"
     path.write_text(
-        ("loss: {ce_weight: 0.0, kl_weight: 1.0}\n" if kl else "") +
+        f"loss: {{ce_weight: {float('ce' in loss.split('+'))}, kl_weight: {float('kl' in loss.split('+'))}}}\n" +
         f"model: {{path: unused, dtype: {dtype}}}\n"
         f"data: {{train: unused.txt, seqlen: {seqlen}}}\n"
         f"quant: {{w_bits: {w_bits}, a_bits: 4, kv_bits: 4}}\n"
@@ -54,15 +54,14 @@ def _peak_mib() -> float:
 
 
 def _child(spec: dict) -> dict:
-    """Training-like steps as RotationTrainer runs them (W4A4KV4 loss, backward to the rotations, clipping,
-    Cayley SGD; with loss.kl_weight, the KL to the passed-through float teacher as RotationTrainer computes it);
-    peak RSS minus the RSS after the imports."""
+    """Training-like steps as RotationTrainer runs them (its loss, ``losses.training_loss``, on the W4A4KV4 model,
+    backward to the rotations, clipping, Cayley SGD); peak RSS minus the RSS after the imports."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from spinlearn.activation_side import resolve_apply
     from spinlearn.config import load_recipe
-    from spinlearn.distill import kl_teacher_student, teacher_logits
+    from spinlearn.losses import training_loss
     from spinlearn.fakequant import rotations_attached
     from spinlearn.online import online_linears
     from spinlearn.quant import QuantSettings
@@ -87,14 +86,8 @@ def _child(spec: dict) -> dict:
         params = list(h.bank.parameters())
         opt = make_optimizer(cfg.rotation.optimizer, params, lr=1.5, momentum=cfg.rotation.momentum)
 
-        def loss():
-            if cfg.loss.kl_weight == 0:
-                return model(input_ids=ids, labels=ids, use_cache=False).loss
-            student = model(input_ids=ids, use_cache=False).logits
-            return kl_teacher_student(teacher_logits(model, ids), student)
-
         for _ in range(spec["steps"]):
-            loss().backward()
+            training_loss(model, ids, ce_weight=cfg.loss.ce_weight, kl_weight=cfg.loss.kl_weight)[0].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -152,9 +145,11 @@ def _check_estimates(tmp_path: Path, cases: dict[str, tuple]) -> None:
 
 def test_estimate_within_25_percent_of_measured_cpu_peak(tmp_path):
     """Two model sizes (20M parameters with a 32000 vocabulary; 2 wider layers, 16000 vocabulary, batch 2), and the
-    20M one on the KL alone at 1024 tokens, where the logits' copies are about half of the peak."""
+    20M one at 1024 tokens on the KL alone and on cross-entropy + KL, where the logits' copies are about half of
+    the peak."""
     _check_estimates(tmp_path, {"20M": (SMALL, 256, 1, {}), "wide": (MEDIUM, 128, 2, {}),
-                                "20M-kl": (SMALL, 1024, 1, {"kl": True})})
+                                "20M-kl": (SMALL, 1024, 1, {"loss": "kl"}),
+                                "20M-ce+kl": (SMALL, 1024, 1, {"loss": "ce+kl"})})
 
 
 def test_estimate_on_the_activations_within_25_percent_of_measured_cpu_peak(tmp_path):

@@ -266,7 +266,7 @@ def test_no_loss_term_is_refused(setup, tmp_path):
             bank=bank, kl_weight=0.0, ce_weight=0.0,
         )
         ids = setup.train_ids[:1]
-        with pytest.raises(ValueError, match="ce_weight and kl_weight are both 0"):
+        with pytest.raises(ValueError, match="loss.ce_weight and loss.kl_weight are both 0"):
             trainer.compute_loss(setup.model, {"input_ids": ids, "labels": ids})
     finally:
         setup.unwrap(handle)
