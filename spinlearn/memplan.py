@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["ACT_ELEMS_PER_TOKEN", "ACT_TRANSIENT_FACTOR", "CPU_OVERHEAD_GIB", "GPU_OVERHEAD_GIB", "LOGIT_COPIES",
-           "STRATEGIES", "ModelShape", "Settings", "estimate", "format_plan", "host_weights", "load_config", "make_plan",
-           "model_shape"]
+           "STRATEGIES", "ModelShape", "Settings", "estimate", "format_plan", "host_weights", "load_config",
+           "make_plan", "model_shape"]
 
 GIB = 1024**3
 # Tensors autograd saves per token and decoder layer, in units of hidden / intermediate / query / key-value width,
